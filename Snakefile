@@ -1,0 +1,33 @@
+# snaketune: LoRA fine-tuning of a language model as a Snakemake workflow.
+# `snakemake -n` shows the plan; any artifact can be built alone (`snakemake <rule>`).
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+sys.path.insert(0, workflow.basedir)  # workflow_scripts, also without `pip install -e .`
+from workflow_scripts.config import ConfigError, resolve  # noqa: E402
+
+
+configfile: "config.yaml"
+
+
+try:
+    resolve(config, workflow.basedir, validate)
+except ConfigError as exc:
+    raise WorkflowError(f"Invalid configuration: {exc}") from None
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/model.smk"
+include: "rules/evaluate.smk"
+include: "rules/publish.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        ALL_TARGETS,
