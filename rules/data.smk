@@ -73,4 +73,4 @@ rule format_dataset:
         "../workflow_scripts/data/format_dataset.py"
 
 
-ALL_TARGETS.extend(rules.format_dataset.output)
+

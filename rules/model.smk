@@ -27,7 +27,7 @@ rule train:
     output:
         adapter_dir=directory(res("model")),
         metrics=res("training/metrics.csv"),
-        loss_plot=res("training/loss.png"),
+        loss_plot=report(res("training/loss.png"), category="Training"),
         run_info=res("training/run.json"),
     params:
         training=config["training"],
@@ -47,6 +47,9 @@ rule train:
         ENV
     script:
         "../workflow_scripts/training/train.py"
+
+
+# The loss plot and training metrics appear in `snakemake --report`.
 
 
 rule merge:

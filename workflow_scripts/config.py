@@ -165,33 +165,29 @@ def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None) -> d
         config.setdefault(section, {})
     merge_section_files(config, base_dir)
     apply_env_overrides(config)
+    check_schema(config)
     if validate is None:
         from snakemake.utils import validate
-    try:
-        validate(config, str(SCHEMA_FILE))
-    except Exception as exc:  # snakemake's WorkflowError wraps jsonschema's message
-        raise ConfigError(_schema_message(exc)) from None
+    validate(config, str(SCHEMA_FILE))  # fills the schema's defaults in place
     check_semantics(config)
     return config
 
 
-def _schema_message(exc: Exception) -> str:
-    cause = exc
-    while getattr(cause, "__cause__", None) is not None or hasattr(cause, "args") and cause.args:
-        inner = cause.args[0] if cause.args else None
-        if isinstance(inner, Exception):
-            cause = inner
-            continue
-        break
-    try:
-        import jsonschema
+def check_schema(config: dict) -> None:
+    """Validate against the schema; the error names the config key at fault."""
+    import jsonschema
 
-        if isinstance(cause, jsonschema.ValidationError):
-            path = ".".join(str(p) for p in cause.absolute_path) or "(top level)"
-            return f"config key {path}: {cause.message}"
-    except ImportError:  # pragma: no cover
-        pass
-    return f"invalid config: {exc}"
+    schema = yaml.safe_load(SCHEMA_FILE.read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is None:
+        return
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties":
+        extra = re.findall(r"'([^']+)' was unexpected", error.message)
+        key = ".".join(filter(None, [path, extra[0] if extra else ""]))
+        raise ConfigError(f"config key {key}: unknown key ({error.message})")
+    raise ConfigError(f"config key {path or '(top level)'}: {error.message}")
 
 
 def load_and_resolve(path: str | os.PathLike, overrides: dict | None = None) -> dict:

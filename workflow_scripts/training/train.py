@@ -394,7 +394,18 @@ def run(
     trainer.add_callback(make_metrics_callback(trainer, collator, rows))
     log.info("trainable parameters: %s", trainer.model.get_nb_trainable_parameters())
     log.info("training set-up: %s", info)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    done_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
+    if resume and trainer.args.max_steps > 0 and done_step >= trainer.args.max_steps:
+        # Killed after the last checkpoint but before the adapter was written: nothing left to train.
+        log.info("%s already reached max_steps=%d; loading it", resume.name, trainer.args.max_steps)
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = trainer.state.load_from_json(str(resume / "trainer_state.json"))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        result = type(
+            "Result", (), {"training_loss": sum(losses) / len(losses) if losses else float("nan")}
+        )()
+    else:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     last_eval = max((r["step"] for r in rows if r.get("eval_loss") is not None), default=None)
     if trainer.args.eval_strategy != "no" and last_eval != trainer.state.global_step:
         trainer.evaluate()  # validation loss of the final adapter, logged into metrics.csv

@@ -1,0 +1,127 @@
+"""Shared fixtures: a tiny tokenizer and tiny randomly initialised models, built in code."""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SAMPLE = REPO / "data" / "sample" / "finqa_sample.jsonl"
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def sample_rows(n: int) -> list[dict]:
+    rows = []
+    with SAMPLE.open() as f:
+        for line in f:
+            rows.append(json.loads(line))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def build_tokenizer():
+    """A byte-level BPE tokenizer trained on the sample in well under a second, with ChatML."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from workflow_scripts.models.loading import FALLBACK_TEMPLATES
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    texts = [" ".join(r.values()) for r in sample_rows(300)] + ["system user assistant Answer the question"]
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = FALLBACK_TEMPLATES["chatml"]
+    return fast
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    tok = build_tokenizer()
+    model = build_tiny_llama(len(tok), seed)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "manifest.json").write_text(
+        json.dumps({"model_id": "tiny-test", "chat_template": "fallback:chatml"})
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from workflow_scripts.models.loading import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture
+def sample_jsonl(tmp_path) -> Path:
+    path = tmp_path / "sample.jsonl"
+    with path.open("w") as f:
+        for row in sample_rows(120):
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def resolved_config():
+    """The default config, resolved (what the Snakefile sees)."""
+    from workflow_scripts.config import load_and_resolve
+
+    def make(overrides=None):
+        return load_and_resolve(REPO / "config.yaml", overrides or {})
+
+    return make
+
+
+@pytest.fixture
+def workflow_copy(tmp_path):
+    """A copy of the workflow in a temporary folder, so runs do not touch the checkout's results/."""
+    dest = tmp_path / "wf"
+    dest.mkdir()
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(REPO / name, dest / name)
+    for name in ("rules", "schemas", "envs", "profiles"):
+        shutil.copytree(REPO / name, dest / name)
+    (dest / "workflow_scripts").symlink_to(REPO / "workflow_scripts")
+    (dest / "data").symlink_to(REPO / "data")
+    return dest

@@ -1,0 +1,211 @@
+"""download_dataset, preprocess_dataset, format_dataset on tiny inputs, including bad input."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from workflow_scripts.common import StageError
+from workflow_scripts.data import download_dataset, format_dataset, preprocess_dataset
+
+SPLITS = ("train", "validation", "test")
+
+
+def dataset_cfg(path, **kw):
+    cfg = {"id": str(path), "config": None, "revision": None, "max_rows": None}
+    cfg["split"] = {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 1}
+    cfg.update(kw)
+    return cfg
+
+
+def outputs(tmp_path, kind="raw", ext="parquet"):
+    return {s: str(tmp_path / kind / f"{s}.{ext}") for s in SPLITS}
+
+
+def test_download_splits_a_single_file_by_ratio(sample_jsonl, tmp_path):
+    counts = download_dataset.run(dataset_cfg(sample_jsonl), outputs(tmp_path))
+    assert counts == {"train": 96, "validation": 12, "test": 12}
+    frames = {s: pd.read_parquet(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS}
+    prompts = [set(f["Open-ended Verifiable Question"]) for f in frames.values()]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2])
+
+
+def test_download_keeps_existing_splits_and_caps_rows(sample_jsonl, tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    rows = [json.loads(line) for line in sample_jsonl.read_text().splitlines()]
+    pd.DataFrame(rows[:100]).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame(rows[100:]).to_csv(folder / "test.csv", index=False)
+    counts = download_dataset.run(dataset_cfg(folder, max_rows=50), outputs(tmp_path))
+    assert counts["test"] == 20  # kept as given, below the cap
+    assert counts["train"] == 50 and counts["validation"] == 11  # carved from train (100 * 0.1 / 0.9)
+
+
+def test_download_errors_name_the_path_and_leave_nothing(tmp_path):
+    out = outputs(tmp_path)
+    with pytest.raises(StageError, match="missing.jsonl does not exist"):
+        download_dataset.run(dataset_cfg(tmp_path / "missing.jsonl"), out)
+    bad = tmp_path / "data.txt"
+    bad.write_text("x")
+    with pytest.raises(StageError, match=r"unsupported file format '.txt'"):
+        download_dataset.run(dataset_cfg(bad), out)
+    assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
+
+
+def test_download_hub_failure_says_how_to_use_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(StageError, match="point dataset.id at a local"):
+        download_dataset.run(dataset_cfg("someone/not-a-dataset-xyz"), outputs(tmp_path))
+
+
+@pytest.fixture
+def raw_splits(sample_jsonl, tmp_path):
+    download_dataset.run(dataset_cfg(sample_jsonl), outputs(tmp_path))
+    return outputs(tmp_path)
+
+
+def mf_default(resolved_config):
+    return resolved_config()["messages_format"], resolved_config()["filters"]
+
+
+def test_preprocess_builds_messages_and_test_references(raw_splits, tmp_path, resolved_config):
+    mf, filters = mf_default(resolved_config)
+    out = outputs(tmp_path, "pre", "jsonl")
+    report = preprocess_dataset.run(raw_splits, out, str(tmp_path / "report.json"), mf, filters)
+    train = [json.loads(x) for x in open(out["train"])]
+    assert [m["role"] for m in train[0]["messages"]] == ["system", "user", "assistant"]
+    assert train[0]["messages"][2]["content"].startswith("<think>\n")
+    test = [json.loads(x) for x in open(out["test"])]
+    assert [m["role"] for m in test[0]["messages"]] == ["system", "user"]
+    assert test[0]["reference"].startswith("The answer is")
+    assert test[0]["meta"]["question_type"]
+    assert report["train"]["rows_kept"] == 96
+
+
+def test_preprocess_counts_each_filter_reason(raw_splits, tmp_path, resolved_config):
+    mf, _ = mf_default(resolved_config)
+    frame = pd.read_parquet(raw_splits["train"])
+    frame.loc[0, "Complex_CoT"] = "   "
+    frame.loc[1, "Open-ended Verifiable Question"] = frame.loc[2, "Open-ended Verifiable Question"]
+    frame.loc[3, "Response"] = "no number here"
+    frame.to_parquet(raw_splits["train"])
+    filters = {
+        "drop_empty": True,
+        "min_chars": {},
+        "max_chars": {"question": 10_000},
+        "deduplicate_prompts": True,
+    }
+    filters["answer_regex"] = r"\d"
+    report = preprocess_dataset.run(
+        raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters
+    )
+    assert report["train"]["dropped"] == {"answer_regex": 1, "duplicate_prompt": 1, "empty:cot": 1}
+    assert report["train"]["rows_kept"] == 93
+
+
+def test_preprocess_all_filtered_is_an_error_and_writes_nothing(raw_splits, tmp_path, resolved_config):
+    mf, _ = mf_default(resolved_config)
+    filters = {
+        "drop_empty": True,
+        "min_chars": {"question": 100_000},
+        "max_chars": {},
+        "deduplicate_prompts": True,
+    }
+    out = outputs(tmp_path, "pre", "jsonl")
+    with pytest.raises(StageError, match="every row of the train split was filtered out.*too_short:question"):
+        preprocess_dataset.run(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
+    assert not any((tmp_path / "pre").glob("*")) if (tmp_path / "pre").exists() else True
+
+
+def test_preprocess_missing_column_lists_the_columns(raw_splits, tmp_path, resolved_config):
+    mf, filters = mf_default(resolved_config)
+    mf["training_columns"]["cot"] = "Reasoning"
+    with pytest.raises(StageError) as err:
+        preprocess_dataset.run(
+            raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters
+        )
+    msg = str(err.value)
+    assert "messages_format.training_columns.cot" in msg and "'Reasoning'" in msg and "Complex_CoT" in msg
+    assert not (tmp_path / "pre").exists()
+
+
+def test_preprocess_unknown_placeholder_is_named(raw_splits, tmp_path, resolved_config):
+    mf, filters = mf_default(resolved_config)
+    mf["messages_format"]["messages"][2]["content"] = "{reasoning} {response}"
+    with pytest.raises(StageError, match=r"unknown placeholder \{reasoning\}; defined names: cot, question"):
+        preprocess_dataset.run(
+            raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters
+        )
+
+
+def test_preprocess_keeps_braces_in_data_literal(raw_splits, tmp_path, resolved_config):
+    mf, filters = mf_default(resolved_config)
+    frame = pd.read_parquet(raw_splits["train"])
+    frame.loc[0, "Complex_CoT"] = 'JSON {"a": 1} and LaTeX \\frac{1}{2} and {cot}'
+    frame.to_parquet(raw_splits["train"])
+    mf["messages_format"]["messages"][2]["content"] = "{{literal}} {cot}"
+    out = outputs(tmp_path, "pre", "jsonl")
+    preprocess_dataset.run(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
+    first = json.loads(open(out["train"]).readline())
+    assert first["messages"][2]["content"] == '{literal} JSON {"a": 1} and LaTeX \\frac{1}{2} and {cot}'
+
+
+@pytest.fixture
+def preprocessed(raw_splits, tmp_path, resolved_config):
+    mf, filters = mf_default(resolved_config)
+    out = outputs(tmp_path, "pre", "jsonl")
+    preprocess_dataset.run(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
+    return out
+
+
+def test_format_tokenizes_prompt_plus_completion(preprocessed, tiny_model_dir, tiny_tokenizer, tmp_path):
+    out = outputs(tmp_path, "fmt")
+    stats = format_dataset.run(
+        preprocessed,
+        str(tiny_model_dir),
+        out,
+        str(tmp_path / "stats.json"),
+        {"max_length": 4096, "overlength": "drop"},
+    )
+    train = pd.read_parquet(out["train"])
+    row = train.iloc[0]
+    assert row["prompt_text"].endswith("<|im_start|>assistant\n")
+    ids = list(row["input_ids"])
+    assert (
+        ids[: row["prompt_length"]]
+        == tiny_tokenizer(row["prompt_text"], add_special_tokens=False)["input_ids"]
+    )
+    assert tiny_tokenizer.decode(ids[row["prompt_length"] :]) == row["completion_text"]
+    assert row["completion_text"].endswith("<|im_end|>\n")
+    test = pd.read_parquet(out["test"])
+    assert set(test.columns) >= {"prompt_text", "reference", "meta"}
+    assert stats["chat_template"] == "fallback:chatml"
+    assert stats["train"]["tokens"]["p50"] > 0 and stats["train"]["dropped"] == 0
+
+
+@pytest.mark.parametrize("mode", ["drop", "truncate"])
+def test_format_overlength_rows_are_counted(preprocessed, tiny_model_dir, tmp_path, mode):
+    out = outputs(tmp_path, "fmt")
+    probe = format_dataset.run(
+        preprocessed,
+        str(tiny_model_dir),
+        out,
+        str(tmp_path / "s.json"),
+        {"max_length": 100_000, "overlength": mode},
+    )
+    limit = probe["train"]["tokens"]["p50"]
+    stats = format_dataset.run(
+        preprocessed,
+        str(tiny_model_dir),
+        out,
+        str(tmp_path / "s.json"),
+        {"max_length": limit, "overlength": mode},
+    )
+    over = stats["train"]["over_max_length"]
+    assert over > 0
+    train = pd.read_parquet(out["train"])
+    assert max(len(x) for x in train["input_ids"]) <= limit
+    if mode == "drop":
+        assert stats["train"]["dropped"] == over and len(train) == 96 - over
+    else:
+        assert stats["train"]["truncated"] + stats["train"]["dropped"] == over

@@ -1,0 +1,204 @@
+"""Evaluation: answer parsing, batched == sequential generation, bootstrap CI, bad test splits."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from workflow_scripts.common import StageError
+from workflow_scripts.evaluation import compare as compare_stage
+from workflow_scripts.evaluation.answers import extract_answer, follows_format, is_correct, parse_number
+
+
+@pytest.mark.parametrize(
+    "text, value, percent",
+    [
+        ("1,234.5", 1234.5, False),
+        ("$1,234,567", 1234567, False),
+        ("(123)", -123, False),
+        ("($45.2)", -45.2, False),
+        ("-12.5%", -12.5, True),
+        ("12.5 percent", 12.5, True),
+        ("3.2 times", 3.2, False),
+        ("15 days", 15, False),
+        ("€7", 7, False),
+    ],
+)
+def test_parse_number(text, value, percent):
+    n = parse_number(text)
+    assert n.value == pytest.approx(value) and n.percent == percent
+
+
+def test_parse_scale_words():
+    assert parse_number("$1.2 billion").scale == 1e9
+    assert parse_number("5 million").scale == 1e6
+    assert parse_number("$5m").scale == 1e6
+
+
+@pytest.mark.parametrize(
+    "prediction, reference, expected",
+    [
+        ("<think>a</think>\nThe answer is 30.", "The answer is 30.", True),
+        (
+            "<think>The answer is 7</think>\nThe answer is 30.",
+            "The answer is 30.",
+            True,
+        ),  # after </think> wins
+        ("<think>x</think>\nThe answer is 31.", "The answer is 30.", False),
+        ("The answer is 30.2", "The answer is 30.", True),  # within 1%
+        ("The answer is 0.25", "The answer is 25.0%.", True),  # fraction vs percent
+        ("The answer is 25%", "The answer is 0.25.", True),
+        ("The answer is (12)", "The answer is -12.", True),  # parenthesised negative
+        ("The answer is $1,200 million", "The answer is 1.2 billion.", True),
+        ("The answer is 1,200", "1200 million", True),  # scale omitted on one side
+        ("Answer: Net income", "The answer is net income.", True),  # non-numeric: normalised match
+        ("Answer: revenue", "The answer is net income.", False),
+        ("I don't know", "The answer is 30.", False),
+    ],
+)
+def test_is_correct(prediction, reference, expected):
+    assert is_correct(prediction, reference, 0.01) is expected
+
+
+def test_extract_answer_and_format():
+    assert extract_answer("<think>\nx = 2\n</think>\nThe answer is 2016.") == "2016"
+    assert follows_format("<think>\nx\n</think>\nThe answer is 3.")
+    assert not follows_format("The answer is 3.")
+    assert not follows_format("<think>\nx\n</think>\n")
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
+    from workflow_scripts.evaluation.generate import GenerationSettings, generate
+    from workflow_scripts.models.loading import load_model
+
+    model = load_model(tiny_model_dir)
+    prompts = [
+        tiny_tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in [
+            "What was revenue in 2019?",
+            "Hi",
+            "Table: | a | 1 |\nQuestion: sum?",
+            "x " * 40,
+            "ratio",
+            "2020",
+        ]
+    ]
+    batched = generate(
+        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=12, batch_size=4), False
+    )
+    single = generate(
+        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=12, batch_size=1), False
+    )
+    assert batched["token_ids"] == single["token_ids"]
+    assert all(0 < len(t) <= 12 for t in batched["token_ids"])
+    # and both equal Hugging Face's own greedy generate for a single prompt
+    ids = tiny_tokenizer(prompts[1], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    hf = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    ref = [t for t in hf[0, ids.shape[1] :].tolist() if t != tiny_tokenizer.eos_token_id]
+    assert single["token_ids"][1] == ref[: len(single["token_ids"][1])]
+
+
+def test_paired_bootstrap_ci_known_cases():
+    delta, lo, hi = compare_stage.paired_bootstrap_ci([0] * 50, [1] * 50, samples=500)
+    assert (delta, lo, hi) == (1.0, 1.0, 1.0)
+    base = [0, 1] * 100
+    delta, lo, hi = compare_stage.paired_bootstrap_ci(base, base[::-1], samples=2000, seed=3)
+    assert delta == 0.0 and lo < 0 < hi
+    # 30 of 100 improve, none regress: the CI is around 0.3 and excludes zero
+    delta, lo, hi = compare_stage.paired_bootstrap_ci([0] * 100, [1] * 30 + [0] * 70, samples=4000, seed=1)
+    assert delta == pytest.approx(0.3) and 0.2 < lo < 0.3 < hi < 0.4
+
+
+def write_eval(tmp_path, name, correct, types):
+    rows = [
+        {
+            "prompt": f"p{i}",
+            "correct": c,
+            "follows_format": c,
+            "rougeL": float(c),
+            "meta": {"question_type": t},
+        }
+        for i, (c, t) in enumerate(zip(correct, types))
+    ]
+    pred = tmp_path / f"{name}.jsonl"
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = tmp_path / f"{name}.json"
+    ev.write_text(json.dumps({"metrics": {"answer_accuracy": sum(correct) / len(correct), "rouge1": 0.5}}))
+    return str(ev), str(pred)
+
+
+def test_compare_writes_report_and_plots(tmp_path):
+    types = ["lookup", "sum"] * 20
+    base = write_eval(tmp_path, "base", [0] * 40, types)
+    tuned = write_eval(tmp_path, "tuned", [1, 0] * 20, types)
+    out = {k: str(tmp_path / k) for k in ("c.json", "c.md", "m.png", "t.png")}
+    cfg = {"bootstrap_samples": 500, "seed": 0, "type_column": "question_type"}
+    report = compare_stage.run(base[0], tuned[0], base[1], tuned[1], *out.values(), cfg)
+    acc = report["metrics"]["answer_accuracy"]
+    assert acc["delta"] == 0.5 and acc["significant"]
+    assert report["accuracy_by_type"]["lookup"] == {"n": 20, "base": 0.0, "finetuned": 1.0}
+    assert "| answer_accuracy | 0.000 | 0.500 | +0.500 *" in open(out["c.md"]).read()
+
+
+def test_empty_test_split_and_missing_reference_are_named(tmp_path, tiny_model_dir):
+    from workflow_scripts.evaluation import evaluate_model
+
+    cfg = {"metrics": ["answer_accuracy"], "max_new_tokens": 4, "batch_size": 2, "answer_tolerance": 0.01}
+    empty = tmp_path / "test.parquet"
+    pd.DataFrame({"prompt_text": pd.Series([], dtype=str), "reference": pd.Series([], dtype=str)}).to_parquet(
+        empty
+    )
+    out = (str(tmp_path / "e.json"), str(tmp_path / "p.jsonl"))
+    with pytest.raises(StageError, match=r"test split .*test.parquet is empty"):
+        evaluate_model.run(str(tiny_model_dir), str(empty), *out, cfg, "base")
+    no_ref = tmp_path / "noref.parquet"
+    pd.DataFrame({"prompt_text": ["hi"]}).to_parquet(no_ref)
+    with pytest.raises(StageError, match=r"noref.parquet has no 'reference' column"):
+        evaluate_model.run(str(tiny_model_dir), str(no_ref), *out, cfg, "base")
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_evaluate_model_writes_metrics_and_predictions(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from workflow_scripts.evaluation import evaluate_model
+
+    prompts = [
+        tiny_tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"q{i}"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(5)
+    ]
+    test = tmp_path / "test.parquet"
+    pd.DataFrame(
+        {
+            "prompt_text": prompts,
+            "reference": ["The answer is 3."] * 5,
+            "meta": ['{"question_type": "lookup"}'] * 5,
+        }
+    ).to_parquet(test)
+    cfg = {
+        "metrics": ["rouge", "answer_accuracy", "bertscore"],
+        "bertscore_model": "embedded:all-minilm-l6-v2",
+        "bertscore_num_layers": 6,
+        "max_new_tokens": 6,
+        "batch_size": 2,
+        "answer_tolerance": 0.01,
+    }
+    result = evaluate_model.run(
+        str(tiny_model_dir), str(test), str(tmp_path / "e.json"), str(tmp_path / "p.jsonl"), cfg, "base"
+    )
+    m = result["metrics"]
+    assert {
+        "answer_accuracy",
+        "rouge1",
+        "rougeL",
+        "bertscore_f1",
+        "format_following",
+        "mean_generated_tokens",
+    } <= set(m)
+    assert m["bertscore_model"]["layer"] == 6
+    rows = [json.loads(x) for x in open(tmp_path / "p.jsonl")]
+    assert len(rows) == 5 and {"prompt", "reference", "prediction", "extracted_answer", "correct"} <= set(
+        rows[0]
+    )

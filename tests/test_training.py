@@ -1,0 +1,285 @@
+"""Training: assistant-only labels, packing isolation, labels-only loss, resume, merge."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO, build_tiny_llama
+
+from workflow_scripts.common import StageError
+from workflow_scripts.training import train as train_stage
+from workflow_scripts.training.data import IGNORE, Collator, load_examples, pack_rows
+from workflow_scripts.training.trainer import labels_only_loss
+
+
+def make_formatted(tmp_path: Path, tok, n: int = 24) -> dict[str, str]:
+    """Formatted train/validation/test parquet files, as format_dataset writes them."""
+    from conftest import sample_rows
+
+    from workflow_scripts.data.format_dataset import format_test_split, format_train_split
+
+    rows = sample_rows(n + 8)
+    convs = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer."},
+                {"role": "user", "content": r["Open-ended Verifiable Question"]},
+                {"role": "assistant", "content": f"<think>\n{r['Complex_CoT']}\n</think>\n{r['Response']}"},
+            ]
+        }
+        for r in rows
+    ]
+    paths = {s: str(tmp_path / f"{s}.parquet") for s in ("train", "validation", "test")}
+    train, _ = format_train_split(convs[:n], tok, tok, 4096, "drop")
+    val, _ = format_train_split(convs[n:], tok, tok, 4096, "drop")
+    test_rows = [
+        {"messages": c["messages"][:2], "reference": r["Response"]} for c, r in zip(convs[n:], rows[n:])
+    ]
+    test, _ = format_test_split(test_rows, tok, tok)
+    for split, data in (("train", train), ("validation", val), ("test", test)):
+        pd.DataFrame(data).to_parquet(paths[split])
+    return paths
+
+
+@pytest.fixture
+def formatted(tmp_path, tiny_tokenizer):
+    return make_formatted(tmp_path, tiny_tokenizer)
+
+
+def test_labels_cover_assistant_tokens_only(formatted, tiny_tokenizer):
+    frame = pd.read_parquet(formatted["train"])
+    examples = load_examples(formatted["train"])
+    batch = Collator(tiny_tokenizer.pad_token_id, pack=False)(examples[:4])
+    for r in range(4):
+        n_prompt = int(frame["prompt_length"].iloc[r])
+        ids = list(frame["input_ids"].iloc[r])
+        labels = batch["labels"][r]
+        assert (labels[:n_prompt] == IGNORE).all(), "prompt/system tokens must be masked"
+        assert labels[n_prompt : len(ids)].tolist() == ids[n_prompt:], "assistant tokens must be targets"
+        assert (labels[len(ids) :] == IGNORE).all(), "padding must be masked"
+        supervised = tiny_tokenizer.decode(labels[labels != IGNORE])
+        assert supervised == frame["completion_text"].iloc[r]
+        assert "<|im_start|>user" not in supervised and "Answer." not in supervised
+
+
+def test_packed_rows_restart_positions_and_mask_example_starts(formatted, tiny_tokenizer):
+    examples = load_examples(formatted["train"])[:6]
+    lengths = [len(e["input_ids"]) for e in examples]
+    capacity = max(lengths) * 2
+    batch = Collator(tiny_tokenizer.pad_token_id, pack=True, max_length=capacity)(examples)
+    assert batch["input_ids"].shape[0] < len(examples)
+    for row in range(batch["input_ids"].shape[0]):
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist()
+        for s in starts:
+            assert batch["labels"][row, s] == IGNORE
+    assert sum(len(r) for r in pack_rows(lengths, capacity)) == len(examples)
+    assert batch["labels"].ne(IGNORE).sum() == sum(
+        sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples
+    )
+
+
+def per_example_losses(model, batch) -> list[float]:
+    """Sum of token losses per example (examples identified by position-id restarts)."""
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+        ).logits
+    losses = []
+    for row in range(logits.shape[0]):
+        tok_loss = torch.nn.functional.cross_entropy(
+            logits[row, :-1], batch["labels"][row, 1:], ignore_index=IGNORE, reduction="none"
+        )
+        starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [logits.shape[1]]
+        for a, b in zip(starts[:-1], starts[1:]):
+            if batch["labels"][row, a:b].ne(IGNORE).any():
+                losses.append(float(tok_loss[a : b - 1].sum()))
+    return losses
+
+
+def test_packing_isolates_examples(formatted, tiny_tokenizer):
+    """Packed and unpacked per-example losses match: attention never crosses examples."""
+    model = build_tiny_llama(len(tiny_tokenizer)).eval()
+    examples = load_examples(formatted["train"])[:6]
+    cap = max(len(e["input_ids"]) for e in examples) * 3
+    packed = Collator(tiny_tokenizer.pad_token_id, pack=True, max_length=cap)(examples)
+    assert (packed["position_ids"] == 0).sum(1).max() > 1, "the test must pack several examples into a row"
+    unpacked = [per_example_losses(model, Collator(tiny_tokenizer.pad_token_id)([e]))[0] for e in examples]
+    packed_losses = per_example_losses(model, packed)
+    assert sorted(packed_losses) == pytest.approx(sorted(unpacked), rel=1e-4)
+
+
+def test_labels_only_loss_equals_full_logits_loss(formatted, tiny_tokenizer):
+    model = build_tiny_llama(len(tiny_tokenizer))
+    batch = Collator(tiny_tokenizer.pad_token_id)(load_examples(formatted["train"])[:4])
+    loss, stats = labels_only_loss(model, dict(batch))
+    full = model(**batch, use_cache=False).loss
+    assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    assert stats["n"] == int(batch["labels"][:, 1:].ne(IGNORE).sum())
+
+
+def test_target_modules_missing_lists_the_model_modules(tiny_model_dir):
+    with pytest.raises(StageError, match=r"peft.target_modules: \['qkv'\] not found.*'q_proj'"):
+        train_stage.build_peft_model(
+            str(tiny_model_dir), {"r": 4, "target_modules": ["qkv"]}, torch.float32, "cpu"
+        )
+
+
+def make_checkpoint(root: Path, step: int, complete: bool = True):
+    ckpt = root / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(ckpt / "adapter_model.safetensors"))
+        torch.save({}, ckpt / "optimizer.pt")
+        torch.save({"last_epoch": step}, ckpt / "scheduler.pt")
+    else:
+        (ckpt / "adapter_model.safetensors").write_bytes(b"\x00\x01 truncated")
+    return ckpt
+
+
+def test_partial_newest_checkpoint_is_skipped(tmp_path):
+    make_checkpoint(tmp_path, 5)
+    make_checkpoint(tmp_path, 10, complete=False)
+    assert train_stage.find_resume_checkpoint(tmp_path).name == "checkpoint-5"
+
+
+def test_changed_config_starts_fresh(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert train_stage.prepare_checkpoint_dir(root, "fp-a") is None
+    make_checkpoint(root, 5)
+    assert train_stage.prepare_checkpoint_dir(root, "fp-a").name == "checkpoint-5"
+    assert train_stage.prepare_checkpoint_dir(root, "fp-b") is None
+    assert not list(root.glob("checkpoint-*"))
+
+
+TRAINING = {
+    "max_length": 4096,
+    "overlength": "drop",
+    "learning_rate": 0.01,
+    "max_steps": 40,
+    "per_device_train_batch_size": 4,
+    "logging_steps": 1,
+    "eval_strategy": "steps",
+    "eval_steps": 20,
+    "save_steps": 4,
+    "save_total_limit": 2,
+    "seed": 1,
+    "report_to": ["none"],
+    "fast_path": {"length_grouped_packing": True, "labels_only_logits": True, "bf16_frozen_weights": True},
+}
+PEFT = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+
+
+def train_kwargs(tmp_path, formatted, model_dir, training=TRAINING):
+    out = tmp_path / "out"
+    return dict(
+        train_path=formatted["train"],
+        validation_path=formatted["validation"],
+        model_dir=str(model_dir),
+        adapter_dir=str(out / "model"),
+        metrics_csv=str(out / "training" / "metrics.csv"),
+        loss_png=str(out / "training" / "loss.png"),
+        run_json=str(out / "training" / "run.json"),
+        checkpoint_dir=str(out / "checkpoints"),
+        training=training,
+        peft_cfg=PEFT,
+        wandb_cfg={"mode": "disabled"},
+        experiment="test",
+        threads=1,
+    )
+
+
+def test_train_writes_adapter_metrics_and_run_info(tmp_path, formatted, tiny_model_dir):
+    kw = train_kwargs(tmp_path, formatted, tiny_model_dir, {**TRAINING, "max_steps": 12})
+    summary = train_stage.run(**kw)
+    adapter = Path(kw["adapter_dir"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    metrics = pd.read_csv(kw["metrics_csv"])
+    assert {"step", "loss", "eval_loss", "learning_rate", "tokens_per_s"} <= set(metrics.columns)
+    losses = metrics["loss"].dropna().tolist()
+    assert losses[-1] < losses[0], "a tiny model at lr 1e-2 must reduce its loss in 12 steps"
+    assert metrics["eval_loss"].notna().any()
+    info = json.loads(Path(kw["run_json"]).read_text())
+    assert info["global_step"] == 12 and info["versions"]["trl"] and info["real_tokens_seen_this_run"] > 0
+    assert Path(kw["loss_png"]).stat().st_size > 1000
+    assert summary["resumed_from"] is None
+
+
+def test_resume_after_sigkill(tmp_path, formatted, tiny_model_dir):
+    """Kill training (SIGKILL) after its first checkpoint; the re-run resumes and finishes."""
+    training = {**TRAINING, "max_steps": 200, "eval_steps": 100}
+    kw = train_kwargs(tmp_path, formatted, tiny_model_dir, training)
+    script = (
+        "import json, sys\nsys.path.insert(0, sys.argv[2])\nfrom workflow_scripts.common import setup_logging\n"
+        "from workflow_scripts.training import train\nkw = json.loads(open(sys.argv[1]).read())\n"
+        "setup_logging(kw.pop('log'))\ntrain.run(**kw)\n"
+    )
+    args_file = tmp_path / "kw.json"
+    log_file = tmp_path / "train.log"
+    args_file.write_text(json.dumps({**kw, "log": str(log_file)}))
+    env = dict(os.environ)
+    proc = subprocess.Popen([sys.executable, "-c", script, str(args_file), str(REPO)], env=env)
+    ckpts = Path(kw["checkpoint_dir"])
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.is_dir() and train_stage.find_resume_checkpoint(ckpts) is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(ckpts.glob("checkpoint-*")), "training should have written a checkpoint before the kill"
+    assert not Path(kw["adapter_dir"]).exists(), "killed run must not leave an adapter that looks complete"
+    subprocess.run([sys.executable, "-c", script, str(args_file), str(REPO)], env=env, check=True)
+    text = log_file.read_text()
+    assert "resuming from checkpoint-" in text
+    info = json.loads(Path(kw["run_json"]).read_text())
+    resumed_step = int(info["resumed_from"].split("-")[1])
+    assert 0 < resumed_step < training["max_steps"]
+    assert info["global_step"] == training["max_steps"]
+    assert (Path(kw["adapter_dir"]) / "adapter_model.safetensors").is_file()
+
+
+def test_merge_equals_base_plus_adapter(tmp_path, formatted, tiny_model_dir):
+    """Merge a trained (non-trivial) adapter; the reloaded merged model matches base + adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from workflow_scripts.models import merge
+
+    kw = train_kwargs(tmp_path, formatted, tiny_model_dir, {**TRAINING, "max_steps": 6})
+    train_stage.run(**kw)
+    # make the adapter clearly non-zero so equality is not trivial
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), kw["adapter_dir"]
+    )
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapter.save_pretrained(kw["adapter_dir"])
+    out = tmp_path / "deployment_model"
+    report = merge.run(str(tiny_model_dir), kw["adapter_dir"], formatted["test"], kw["run_json"], str(out))
+    assert report["passed"] and report["max_logit_diff"] <= 1e-3
+    saved = json.loads((out / "merge_report.json").read_text())
+    assert saved["max_logit_diff"] == report["max_logit_diff"]
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    diff = max(
+        float((a - b).abs().max())
+        for (_, a), (_, b) in zip(plain.named_parameters(), base.named_parameters())
+    )
+    assert diff > 1e-3, "the merged weights must differ from the base weights"
+    assert "Merge check" in (out / "README.md").read_text()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template

