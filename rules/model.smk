@@ -34,6 +34,8 @@ rule train:
         peft=config["peft"],
         wandb=config["wandb"],
         experiment=EXPERIMENT,
+        # >1 launches training with `accelerate launch` (one process per GPU)
+        gpus=config["resources"]["gpu"],
         # Outside the outputs: Snakemake must not delete them when a run dies (resume reads them).
         checkpoint_dir=res("checkpoints"),
     log:

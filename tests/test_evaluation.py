@@ -120,7 +120,7 @@ def write_eval(tmp_path, name, correct, types):
             "rougeL": float(c),
             "meta": {"question_type": t},
         }
-        for i, (c, t) in enumerate(zip(correct, types))
+        for i, (c, t) in enumerate(zip(correct, types, strict=False))
     ]
     pred = tmp_path / f"{name}.jsonl"
     pred.write_text("".join(json.dumps(r) + "\n" for r in rows))

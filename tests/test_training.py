@@ -40,7 +40,8 @@ def make_formatted(tmp_path: Path, tok, n: int = 24) -> dict[str, str]:
     train, _ = format_train_split(convs[:n], tok, tok, 4096, "drop")
     val, _ = format_train_split(convs[n:], tok, tok, 4096, "drop")
     test_rows = [
-        {"messages": c["messages"][:2], "reference": r["Response"]} for c, r in zip(convs[n:], rows[n:])
+        {"messages": c["messages"][:2], "reference": r["Response"]}
+        for c, r in zip(convs[n:], rows[n:], strict=False)
     ]
     test, _ = format_test_split(test_rows, tok, tok)
     for split, data in (("train", train), ("validation", val), ("test", test)):
@@ -97,7 +98,7 @@ def per_example_losses(model, batch) -> list[float]:
             logits[row, :-1], batch["labels"][row, 1:], ignore_index=IGNORE, reduction="none"
         )
         starts = (batch["position_ids"][row] == 0).nonzero().flatten().tolist() + [logits.shape[1]]
-        for a, b in zip(starts[:-1], starts[1:]):
+        for a, b in zip(starts[:-1], starts[1:], strict=False):
             if batch["labels"][row, a:b].ne(IGNORE).any():
                 losses.append(float(tok_loss[a : b - 1].sum()))
     return losses
@@ -276,10 +277,24 @@ def test_merge_equals_base_plus_adapter(tmp_path, formatted, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     diff = max(
         float((a - b).abs().max())
-        for (_, a), (_, b) in zip(plain.named_parameters(), base.named_parameters())
+        for (_, a), (_, b) in zip(plain.named_parameters(), base.named_parameters(), strict=False)
     )
     assert diff > 1e-3, "the merged weights must differ from the base weights"
     assert "Merge check" in (out / "README.md").read_text()
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_two_process_training_saves_the_adapter_once(tmp_path, formatted, tiny_model_dir):
+    """training.num_processes=2 runs DDP (gloo, CPU) through accelerate launch."""
+    training = {**TRAINING, "max_steps": 10, "eval_steps": 10, "save_steps": 5, "num_processes": 2}
+    kw = train_kwargs(tmp_path, formatted, tiny_model_dir, training)
+    summary = train_stage.run(**kw)
+    assert summary["setup"]["world_size"] == 2
+    assert summary["global_step"] == 10
+    out = Path(kw["adapter_dir"]).parent
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "model", "training"]
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    losses = pd.read_csv(kw["metrics_csv"])["loss"].dropna().tolist()
+    assert losses[-1] < losses[0]

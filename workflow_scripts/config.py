@@ -48,7 +48,7 @@ def template_fields(template: str, where: str) -> list[str]:
     except ValueError as exc:
         raise ConfigError(
             f"{where}: malformed template {template!r} ({exc}); write literal braces as {{{{ }}}}"
-        )
+        ) from None
     names = []
     for _, name, spec, conv in parsed:
         if name is None:

@@ -141,7 +141,7 @@ def make_row(rng: random.Random, qtype: str) -> dict[str, str]:
 
 def generate(rows: int, seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
-    types, weights = zip(*TYPES.items())
+    types, weights = zip(*TYPES.items(), strict=False)
     return [make_row(rng, rng.choices(types, weights)[0]) for _ in range(rows)]
 
 

@@ -20,11 +20,14 @@ FALLBACK_TEMPLATES = {
         "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
         "{% endif %}"
     ),
+    # Gemma turns; content may be a string or typed parts (processors of multimodal models).
     "gemma": (
         "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
         "else message['role'] %}{% if role == 'system' %}{% set role = 'user' %}{% endif %}"
-        "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+        "{{ '<start_of_turn>' + role + '\n' }}{% if message['content'] is string %}"
+        "{{ message['content'] | trim }}{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'text' %}{{ part['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+        "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
     ),
     "plain": (
         "{% for message in messages %}{{ message['role'] | capitalize + ': ' + message['content'] + '\n\n' }}"

@@ -358,6 +358,39 @@ def build_trainer(
     return trainer, collator, info
 
 
+def num_processes(training: dict, gpus: int = 0) -> int:
+    return max(int(training.get("num_processes") or 1), int(gpus or 0))
+
+
+def launch_distributed(kwargs: dict, nproc: int, resume: Path | None, accelerate_config: str | None) -> None:
+    """Re-run this stage under `accelerate launch` with ``nproc`` processes (DDP, or FSDP/DeepSpeed
+    through a user's accelerate config file). The parent has already prepared the checkpoints."""
+    import tempfile
+
+    spec = {**kwargs, "resume": str(resume) if resume else None}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=kwargs["checkpoint_dir"]) as f:
+        json.dump(spec, f)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc)]
+    if accelerate_config:
+        cmd += ["--config_file", accelerate_config]
+    else:
+        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if not torch.cuda.is_available():
+            cmd += ["--cpu"]
+        else:
+            cmd += ["--multi_gpu"]
+    cmd += ["-m", "workflow_scripts.training.train", "--spec", f.name]
+    log.info("launching %d training processes: %s", nproc, " ".join(cmd))
+    try:
+        subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
+    except subprocess.CalledProcessError as exc:
+        raise StageError(
+            f"train: distributed training failed (exit {exc.returncode}); see the log above"
+        ) from None
+    finally:
+        Path(f.name).unlink(missing_ok=True)
+
+
 def run(
     train_path: str,
     validation_path: str,
@@ -372,11 +405,9 @@ def run(
     wandb_cfg: dict,
     experiment: str,
     threads: int | None = None,
+    gpus: int = 0,
 ) -> dict:
-    t_start = time.time()
-    fast = training.get("fast_path") or {}
-    set_threads(fast.get("threads") or threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = dict(locals())
     checkpoint_dir = Path(checkpoint_dir)
     fp = fingerprint(training, peft_cfg, [train_path, validation_path, str(Path(model_dir) / "config.json")])
     resume = prepare_checkpoint_dir(checkpoint_dir, fp)
@@ -384,6 +415,36 @@ def run(
         log.info("resuming from %s", resume.name)
     else:
         log.info("no complete checkpoint in %s: training from scratch", checkpoint_dir)
+    nproc = num_processes(training, gpus)
+    if nproc > 1:
+        launch_distributed(kwargs, nproc, resume, training.get("accelerate_config"))
+        return json.loads(Path(run_json).read_text())
+    return train_process(resume=resume, **kwargs)
+
+
+def train_process(
+    train_path: str,
+    validation_path: str,
+    model_dir: str,
+    adapter_dir: str,
+    metrics_csv: str,
+    loss_png: str,
+    run_json: str,
+    checkpoint_dir: str,
+    training: dict,
+    peft_cfg: dict,
+    wandb_cfg: dict,
+    experiment: str,
+    threads: int | None = None,
+    gpus: int = 0,
+    resume: Path | None = None,
+) -> dict:
+    """One training process (of one, or of several under accelerate launch)."""
+    t_start = time.time()
+    fast = training.get("fast_path") or {}
+    set_threads(fast.get("threads") or threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint_dir = Path(checkpoint_dir)
     wandb_on = configure_wandb(wandb_cfg, Path(adapter_dir).parent / "wandb", experiment)
     report_to = ["wandb"] if wandb_on and "wandb" in (training.get("report_to") or ["wandb"]) else ["none"]
     torch.manual_seed(training.get("seed", 42))
@@ -392,6 +453,7 @@ def run(
         train_path, validation_path, model_dir, training, peft_cfg, checkpoint_dir, report_to, device
     )
     trainer.add_callback(make_metrics_callback(trainer, collator, rows))
+    info["world_size"] = trainer.args.world_size
     log.info("trainable parameters: %s", trainer.model.get_nb_trainable_parameters())
     log.info("training set-up: %s", info)
     done_step = json.loads((resume / "trainer_state.json").read_text())["global_step"] if resume else 0
@@ -409,9 +471,12 @@ def run(
     last_eval = max((r["step"] for r in rows if r.get("eval_loss") is not None), default=None)
     if trainer.args.eval_strategy != "no" and last_eval != trainer.state.global_step:
         trainer.evaluate()  # validation loss of the final adapter, logged into metrics.csv
+    if not trainer.is_world_process_zero():
+        return {}
     formatter = load_chat_formatter(model_dir)
+    model = trainer.accelerator.unwrap_model(trainer.model)
     with atomic_path(adapter_dir, is_dir=True) as tmp:
-        trainer.model.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         formatter.save_pretrained(tmp)
     write_metrics(rows, metrics_csv, loss_png)
     summary = {
@@ -432,7 +497,6 @@ def run(
         "wall_time_s": round(time.time() - t_start, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "real_tokens_seen_this_run": collator.real_tokens,
-        "argv": sys.argv[:1],
     }
     write_json(run_json, summary)
     log.info("done: step %d, train loss %.4f", trainer.state.global_step, result.training_loss)
@@ -454,8 +518,25 @@ def _from_snakemake(smk) -> None:
         dict(smk.params.wandb),
         smk.params.experiment,
         smk.threads,
+        smk.params.gpus,
     )
+
+
+def main() -> None:
+    """Entry of each process under `accelerate launch` (see launch_distributed)."""
+    import argparse
+
+    from workflow_scripts.common import setup_logging
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--spec", required=True)
+    spec = json.loads(Path(parser.parse_args().spec).read_text())
+    setup_logging(None)
+    resume = spec.pop("resume")
+    train_process(resume=Path(resume) if resume else None, **spec)
 
 
 if "snakemake" in globals():
     snakemake_main(snakemake, _from_snakemake)
+elif __name__ == "__main__":
+    main()

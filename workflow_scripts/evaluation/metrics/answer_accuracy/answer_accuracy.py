@@ -23,7 +23,7 @@ class AnswerAccuracy(evaluate.Metric):
     def _compute(self, predictions, references, rel_tol=0.01):
         from workflow_scripts.evaluation.answers import extract_answer, follows_format, is_correct
 
-        correct = [is_correct(p, r, rel_tol) for p, r in zip(predictions, references)]
+        correct = [is_correct(p, r, rel_tol) for p, r in zip(predictions, references, strict=False)]
         fmt = [follows_format(p) for p in predictions]
         n = max(len(correct), 1)
         return {

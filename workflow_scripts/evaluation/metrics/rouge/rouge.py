@@ -25,7 +25,7 @@ class Rouge(evaluate.Metric):
     def _compute(self, predictions, references, use_stemmer=True):
         scorer = rouge_scorer.RougeScorer(ROUGE_TYPES, use_stemmer=use_stemmer)
         per_example = {t: [] for t in ROUGE_TYPES}
-        for pred, ref in zip(predictions, references):
+        for pred, ref in zip(predictions, references, strict=False):
             # rougeLsum splits summaries on newlines
             scores = scorer.score(ref, pred)
             for t in ROUGE_TYPES:

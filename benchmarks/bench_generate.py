@@ -1,0 +1,110 @@
+"""Generation speed, side by side in one run, on the embedded model and 32 sample test prompts.
+
+(a) a plain one-at-a-time `model.generate` loop in fp32 (what a user's script does);
+(b) plain Hugging Face batched `generate`, left padding, snaketune's batch size, unsorted, fp32;
+(c) snaketune's generator with the evaluation defaults of config.yaml.
+`identical` compares (c) with snaketune's own one-prompt-at-a-time outputs (same model, dtype).
+
+Needs the base model and the formatted test split: `snakemake --cores 2 format_dataset` first.
+Usage: python benchmarks/bench_generate.py [--n 32] [--max-new-tokens N] [--threads 2]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from workflow_scripts.config import model_name  # noqa: E402
+from workflow_scripts.evaluation.generate import GenerationSettings, eos_ids, generate  # noqa: E402
+from workflow_scripts.models.loading import load_model, load_tokenizer, resolve_dtype  # noqa: E402
+
+
+def hf_tokens(model, tok, prompts, batch_size, max_new_tokens, stop):
+    """Generated token ids (EOS and padding dropped) of plain HF generate."""
+    tok.padding_side = "left"
+    out_ids, n_tokens = [], 0
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        enc = tok(batch, add_special_tokens=False, return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            ids = []
+            for t in row:
+                if t in stop:
+                    break
+                ids.append(t)
+            out_ids.append(ids)
+            n_tokens += len(ids)
+    return out_ids, n_tokens
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", default=str(REPO / "config.yaml"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = yaml.safe_load(Path(args.config).read_text())
+    ev = cfg["evaluation"]
+    model_dir = REPO / "models" / model_name(cfg["model"])
+    test = REPO / "results" / cfg.get("experiment", "default") / "dataset" / "formatted" / "test.parquet"
+    if not model_dir.is_dir() or not test.is_file():
+        sys.exit(
+            "run `snakemake --cores 2 format_dataset` first (needs the base model and formatted test split)"
+        )
+    prompts = pd.read_parquet(test)["prompt_text"].tolist()[: args.n]
+    max_new = args.max_new_tokens or ev["max_new_tokens"]
+    batch = ev["batch_size"]
+    tok = load_tokenizer(model_dir)
+    fp32 = load_model(model_dir, dtype=torch.float32)
+    stop = set(eos_ids(fp32, tok))
+    print(f"{len(prompts)} prompts, max_new_tokens={max_new}, batch_size={batch}, threads={args.threads}")
+
+    (_, tok_a), sec_a = timed(lambda: hf_tokens(fp32, tok, prompts, 1, max_new, stop))
+    print(f"(a) one-at-a-time HF generate fp32: {tok_a / sec_a:8.1f} tok/s  {sec_a:7.1f} s")
+    (_, tok_b), sec_b = timed(lambda: hf_tokens(fp32, tok, prompts, batch, max_new, stop))
+    print(f"(b) batched HF generate fp32 (bs {batch}): {tok_b / sec_b:8.1f} tok/s  {sec_b:7.1f} s")
+
+    dtype = resolve_dtype(ev.get("dtype", "auto"))
+    model = fp32 if dtype == torch.float32 else load_model(model_dir, dtype=dtype)
+    settings = GenerationSettings.from_config({**ev, "max_new_tokens": max_new})
+    res_c = generate(model, tok, prompts, settings, progress=False)
+    sec_c = res_c["seconds"]
+    print(
+        f"(c) snaketune ({str(dtype).replace('torch.', '')}, bs {batch}): {res_c['tokens_per_s']:8.1f} tok/s  {sec_c:7.1f} s"
+    )
+    single = generate(
+        model,
+        tok,
+        prompts,
+        GenerationSettings.from_config({**ev, "max_new_tokens": max_new, "batch_size": 1}),
+        False,
+    )
+    identical = sum(a == b for a, b in zip(res_c["token_ids"], single["token_ids"], strict=True))
+    print(f"    snaketune one-at-a-time: {single['tokens_per_s']:8.1f} tok/s (for the identity check)")
+    print(
+        f"speedup: {sec_a / sec_c:.2f} (one-at-a-time {sec_a:.1f} s, snaketune {sec_c:.1f} s) "
+        f"vs_batched_hf: {sec_b / sec_c:.2f} identical: {identical}/{len(prompts)}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Training throughput, side by side in one run: plain TRL SFTTrainer vs snaketune's train path.
+
+Same model (the embedded SmolLM2-135M), same formatted sample examples in the same number,
+same LoRA (r, alpha, target modules), same batch size, max length, learning rate and steps.
+Baseline: `SFTTrainer` with TRL's defaults for everything else (gradient checkpointing on, no
+packing, full-vocabulary logits; bf16 autocast is TRL's default and is kept where this
+hardware's bf16 matmul is fast, otherwise fp32 — printed below). Candidate: snaketune's
+`build_trainer`, exactly as the `train` rule builds it from config.yaml.
+
+Each side runs in its own process (peak RSS is per process). Warm-up steps are excluded from
+tokens/s. MFU = 4 * N * tokens/s / peak, with N the parameters on the gradient path (every
+weight except the input embedding; the tied LM head counted once): 2N FLOPs forward and 2N
+backward through frozen weights per token (LoRA's own FLOPs and attention are ignored).
+
+Needs `snakemake --cores 2 format_dataset`. Usage: python benchmarks/bench_train.py [--steps 20]
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def matmul_peak(dtype_name: str, threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    n = 10 if dtype == torch.float32 else 2
+    t = time.perf_counter()
+    for _ in range(n):
+        a @ b
+    return 2 * 1024**3 * n / (time.perf_counter() - t)
+
+
+def step_timer(counter):
+    """Callback: time and real tokens of each optimizer step (tokens from the collator's counter)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.steps = []  # (seconds, tokens, loss)
+            self.t = None
+            self.tokens = 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.t is None:
+                self.t, self.tokens = time.perf_counter(), counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now, tok = time.perf_counter(), counter()
+            self.steps.append([now - self.t, tok - self.tokens, None])
+            self.t, self.tokens = now, tok
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs and self.steps:
+                self.steps[-1][2] = float(logs["loss"])
+
+    return StepTimer()
+
+
+def run_side(side: str, cfg_path: str, steps: int, threads: int) -> dict:
+    import pandas as pd
+    import torch
+
+    from workflow_scripts.config import load_and_resolve, model_name
+    from workflow_scripts.training.train import bf16_is_fast, build_trainer
+
+    torch.set_num_threads(threads)
+    cfg = load_and_resolve(cfg_path)
+    training = {
+        **cfg["training"],
+        "max_steps": steps,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": ["none"],
+        "warmup_steps": 0,
+    }
+    model_dir = str(REPO / "models" / model_name(cfg["model"]))
+    fmt = REPO / "results" / cfg["experiment"] / "dataset" / "formatted"
+    n_examples = steps * training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
+    frame = pd.read_parquet(fmt / "train.parquet").head(n_examples)
+    subset = Path("/tmp") / f"bench_train_{n_examples}.parquet"
+    frame.to_parquet(subset)
+    torch.manual_seed(0)
+    if side == "snaketune":
+        trainer, collator, info = build_trainer(
+            str(subset),
+            str(subset),
+            model_dir,
+            training,
+            cfg["peft"],
+            Path("/tmp/bench_ckpt_c"),
+            ["none"],
+            "cpu",
+        )
+        timer = step_timer(lambda: collator.real_tokens)
+    else:
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl import SFTConfig, SFTTrainer
+
+        from workflow_scripts.config import lora_kwargs
+
+        rows = []
+        for messages in frame["messages"]:
+            msgs = json.loads(messages)
+            rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        bf16 = bf16_is_fast("cpu")  # TRL's default is bf16=True; kept only where bf16 is fast here
+        args = SFTConfig(
+            output_dir="/tmp/bench_ckpt_b",
+            max_steps=steps,
+            per_device_train_batch_size=training["per_device_train_batch_size"],
+            gradient_accumulation_steps=training["gradient_accumulation_steps"],
+            learning_rate=training["learning_rate"],
+            lr_scheduler_type=training.get("lr_scheduler_type", "linear"),
+            max_length=training["max_length"],
+            logging_steps=1,
+            save_strategy="no",
+            report_to=["none"],
+            use_cpu=True,
+            bf16=bf16,
+            seed=training["seed"],
+        )
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tok,
+            peft_config=LoraConfig(task_type="CAUSAL_LM", **lora_kwargs(cfg["peft"])),
+        )
+        collate = trainer.data_collator
+        seen = {"n": 0}
+
+        def counting(examples):
+            batch = collate(examples)
+            seen["n"] += (
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else batch["input_ids"].numel()
+            )
+            return batch
+
+        trainer.data_collator = counting
+        timer = step_timer(lambda: seen["n"])
+        info = {"bf16_autocast": bf16, "gradient_checkpointing": args.gradient_checkpointing}
+    trainer.add_callback(timer)
+    trainer.train()
+    model = trainer.model
+    n_path = sum(
+        p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lora_" not in n
+    )
+    tied = getattr(model.get_base_model().config, "tie_word_embeddings", False)
+    if tied:
+        n_path += model.get_base_model().get_output_embeddings().weight.numel()
+    return {
+        "steps": timer.steps,
+        "info": info,
+        "params_on_path": n_path,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="measured steps (after warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--config", default=str(REPO / "config.yaml"))
+    parser.add_argument("--side", choices=["trl", "snaketune"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    total = args.steps + args.warmup
+    if args.side:
+        result = run_side(args.side, args.config, total, args.threads)
+        Path(args.out).write_text(json.dumps(result))
+        return
+    peaks = {d: matmul_peak(d, args.threads) for d in ("float32", "bfloat16")}
+    print(
+        f"matmul peak here: fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s"
+    )
+    results = {}
+    for side in ("trl", "snaketune"):
+        out = Path(f"/tmp/bench_train_{side}.json")
+        cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--config", args.config]
+        cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        results[side] = json.loads(out.read_text())
+    summary = {}
+    for side, r in results.items():
+        measured = r["steps"][args.warmup :]
+        secs = sum(s[0] for s in measured)
+        toks = sum(s[1] for s in measured)
+        losses = [s[2] for s in measured if s[2] is not None]
+        tps = toks / secs
+        peak = (
+            max(peaks.values())
+            if r["info"].get("bf16_autocast") or "bfloat16" in str(r["info"])
+            else peaks["float32"]
+        )
+        mfu = 4 * r["params_on_path"] * tps / peak
+        summary[side] = {"tps": tps, "loss": sum(losses) / len(losses), "rss": r["peak_rss_mb"], "mfu": mfu}
+        print(
+            f"{side:10s} {tps:8.1f} real tok/s  {toks:6d} tokens in {secs:6.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+            f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  ({r['info']})"
+        )
+    a, b = summary["trl"], summary["snaketune"]
+    print(f"MFU formula: 4 * {results['snaketune']['params_on_path']:,} params * tok/s / matmul peak")
+    print(
+        f"speedup: {b['tps'] / a['tps']:.2f} (trl {a['tps']:.1f} tok/s, snaketune {b['tps']:.1f} tok/s) loss: {a['loss']:.4f} vs {b['loss']:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Gemma-3n's class path: multimodal model + processor through train -> merge -> generate.
+
+The full Gemma3nForConditionalGeneration builds its vision tower through timm/torchvision,
+which do not load against the CPU torch build here; the test swaps that one tower for a tiny
+module (the text stack, audio tower, embedders, processor and class are the real ones). On a
+machine with timm + torchvision (a GPU box) the same code paths run unpatched.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from conftest import sample_rows
+
+from workflow_scripts.models.loading import FALLBACK_TEMPLATES, apply_chat_template, is_multimodal
+
+MM_TOKENS = {
+    "image_token": "<image_soft_token>",
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "audio_token": "<audio_soft_token>",
+    "boa_token": "<start_of_audio>",
+    "eoa_token": "<end_of_audio>",
+}
+
+
+class TinyVisionTower(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.proj = torch.nn.Linear(4, config.hidden_size)
+
+
+@pytest.fixture
+def tiny_vision_tower(monkeypatch):
+    from transformers.models.gemma3n import modeling_gemma3n
+
+    original = modeling_gemma3n.AutoModel.from_config
+
+    def from_config(config, *args, **kwargs):
+        if getattr(config, "model_type", "") == "gemma3n_vision":
+            return TinyVisionTower(config)
+        return original(config, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_gemma3n.AutoModel, "from_config", staticmethod(from_config))
+
+
+def gemma_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *MM_TOKENS.values()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([" ".join(r.values()) for r in sample_rows(200)], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<end_of_turn>",
+        bos_token="<bos>",
+        extra_special_tokens=MM_TOKENS,
+    )
+
+
+@pytest.fixture
+def gemma3n_dir(tmp_path, tiny_vision_tower) -> Path:
+    from transformers import (
+        Gemma3nAudioConfig,
+        Gemma3nConfig,
+        Gemma3nForConditionalGeneration,
+        Gemma3nTextConfig,
+        Gemma3nVisionConfig,
+    )
+    from transformers.models.gemma3n import Gemma3nAudioFeatureExtractor, Gemma3nProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = gemma_tokenizer()
+    vocab = len(tok)
+    text = Gemma3nTextConfig(
+        vocab_size=vocab,
+        vocab_size_per_layer_input=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=64,
+        laurel_rank=8,
+        altup_num_inputs=2,
+        hidden_size_per_layer_input=16,
+        num_kv_shared_layers=0,
+        activation_sparsity_pattern=[0.0, 0.0],
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    audio = Gemma3nAudioConfig(
+        hidden_size=32, conf_num_hidden_layers=1, conf_num_attention_heads=2, sscp_conv_channel_size=[8, 8]
+    )
+    cfg = Gemma3nConfig(
+        text_config=text.to_dict(),
+        vision_config=Gemma3nVisionConfig(hidden_size=32).to_dict(),
+        audio_config=audio.to_dict(),
+    )
+    torch.manual_seed(0)
+    model = Gemma3nForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    path = tmp_path / "gemma3n"
+    model.save_pretrained(path)
+    processor = Gemma3nProcessor(
+        feature_extractor=Gemma3nAudioFeatureExtractor(),
+        image_processor=SiglipImageProcessorPil(),
+        tokenizer=tok,
+        chat_template=FALLBACK_TEMPLATES["gemma"],
+    )
+    processor.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "manifest.json").write_text(json.dumps({"model_id": "tiny-gemma3n", "chat_template": "model"}))
+    return path
+
+
+def formatted_splits(tmp_path, model_dir) -> dict[str, str]:
+    from workflow_scripts.data.format_dataset import format_test_split, format_train_split
+    from workflow_scripts.models.loading import load_chat_formatter, load_tokenizer
+
+    formatter, tok = load_chat_formatter(model_dir), load_tokenizer(model_dir)
+    rows = sample_rows(28)
+    convs = [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer."},
+                {"role": "user", "content": r["Open-ended Verifiable Question"]},
+                {"role": "assistant", "content": f"<think>\n{r['Complex_CoT']}\n</think>\n{r['Response']}"},
+            ]
+        }
+        for r in rows
+    ]
+    train, _ = format_train_split(convs[:20], formatter, tok, 4096, "drop")
+    val, _ = format_train_split(convs[20:], formatter, tok, 4096, "drop")
+    test, _ = format_test_split(
+        [{"messages": c["messages"][:2], "reference": "x"} for c in convs[20:]], formatter, tok
+    )
+    paths = {}
+    for split, data in (("train", train), ("validation", val), ("test", test)):
+        paths[split] = str(tmp_path / f"{split}.parquet")
+        pd.DataFrame(data).to_parquet(paths[split])
+    return paths
+
+
+def test_gemma3n_chat_template_goes_through_the_processor(gemma3n_dir):
+    from transformers import ProcessorMixin
+
+    from workflow_scripts.models.loading import load_chat_formatter
+
+    assert is_multimodal(gemma3n_dir)
+    formatter = load_chat_formatter(gemma3n_dir)
+    assert isinstance(formatter, ProcessorMixin)
+    text = apply_chat_template(formatter, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_gemma3n_labels_only_loss_applies_softcapping(gemma3n_dir, tmp_path):
+    from workflow_scripts.models.loading import load_model, load_tokenizer
+    from workflow_scripts.training.data import Collator, load_examples
+    from workflow_scripts.training.trainer import labels_only_loss
+
+    splits = formatted_splits(tmp_path, gemma3n_dir)
+    model = load_model(gemma3n_dir)
+    assert model.config.get_text_config().final_logit_softcapping
+    batch = Collator(load_tokenizer(gemma3n_dir).pad_token_id)(load_examples(splits["train"])[:3])
+    loss, _ = labels_only_loss(model, dict(batch))
+    full = model(**batch, use_cache=False).loss
+    assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-4)
+
+
+def test_gemma3n_train_merge_generate(gemma3n_dir, tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from workflow_scripts.evaluation.generate import GenerationSettings, generate
+    from workflow_scripts.models import merge
+    from workflow_scripts.models.loading import load_model, load_tokenizer
+    from workflow_scripts.training import train as train_stage
+
+    splits = formatted_splits(tmp_path, gemma3n_dir)
+    out = tmp_path / "out"
+    training = {
+        "max_length": 4096,
+        "overlength": "drop",
+        "learning_rate": 0.01,
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_steps": 4,
+        "report_to": ["none"],
+    }
+    train_stage.run(
+        splits["train"],
+        splits["validation"],
+        str(gemma3n_dir),
+        str(out / "model"),
+        str(out / "m.csv"),
+        str(out / "loss.png"),
+        str(out / "run.json"),
+        str(out / "ckpt"),
+        training,
+        {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+        {"mode": "disabled"},
+        "gemma3n",
+        1,
+    )
+    with safe_open(str(out / "model" / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert keys and all("language_model" in k for k in keys), "LoRA must touch the language model only"
+    assert not any("vision_tower" in k or "audio_tower" in k for k in keys)
+
+    report = merge.run(
+        str(gemma3n_dir), str(out / "model"), splits["test"], str(out / "run.json"), str(out / "deploy")
+    )
+    assert report["passed"] and report["model_class"] == "Gemma3nForConditionalGeneration"
+    merged = AutoModelForImageTextToText.from_pretrained(out / "deploy")
+    assert type(merged).__name__ == "Gemma3nForConditionalGeneration"
+    processor = AutoProcessor.from_pretrained(out / "deploy")
+    assert type(processor).__name__ == "Gemma3nProcessor" and processor.chat_template
+
+    model, tok = load_model(out / "deploy"), load_tokenizer(out / "deploy")
+    prompts = pd.read_parquet(splits["test"])["prompt_text"].tolist()[:3]
+    batched = generate(
+        model, tok, prompts, GenerationSettings(max_new_tokens=6, batch_size=3), progress=False
+    )
+    single = generate(model, tok, prompts, GenerationSettings(max_new_tokens=6, batch_size=1), progress=False)
+    assert batched["token_ids"] == single["token_ids"] and all(batched["token_ids"])

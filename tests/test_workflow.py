@@ -1,0 +1,147 @@
+"""The Snakemake workflow itself: config errors before any job, staleness, and one real end-to-end run."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def smk(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, capture_output=True, text=True, timeout=1200
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def planned_rules(workdir: Path, target: str, *configfiles: Path) -> set[str]:
+    args = ["-n", target]
+    for c in configfiles:
+        args += ["--configfile", str(c)]
+    out = smk(workdir, *args).stdout
+    if "Nothing to be done" in out:
+        return set()
+    return set(re.findall(r"^rule (\w+):", out, flags=re.M)) - {"all"}
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def tiny_workflow(workflow_copy, tiny_model_dir, sample_jsonl):
+    cfg = write_config(
+        workflow_copy / "tiny.yaml",
+        {
+            "experiment": "tiny",
+            "model": {"id": str(tiny_model_dir), "name": "tiny"},
+            "dataset": {"id": str(sample_jsonl)},
+            "wandb": {"mode": "disabled"},
+        },
+    )
+    return workflow_copy, cfg
+
+
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"peft": {"r": "sixteen"}}, "peft.r"),
+        ({"training": {"learning_rate": -1}}, "training.learning_rate"),
+        ({"unknown_section": {"a": 1}}, "unknown_section"),
+    ],
+)
+def test_bad_config_is_refused_before_any_job(workflow_copy, bad, key):
+    cfg = write_config(workflow_copy / "bad.yaml", bad)
+    proc = smk(workflow_copy, "-n", "--configfile", str(cfg), check=False)
+    assert proc.returncode != 0
+    assert key in proc.stdout + proc.stderr
+    assert not (workflow_copy / "results").exists()
+
+
+def test_data_stages_rerun_only_what_a_change_touches(tiny_workflow):
+    wf, cfg = tiny_workflow
+    smk(wf, "format_dataset", "--configfile", str(cfg))
+    results = wf / "results" / "tiny" / "dataset"
+    assert (results / "formatted" / "train.parquet").is_file()
+    assert json.loads((results / "preprocessed" / "report.json").read_text())["train"]["rows_kept"] > 0
+    assert planned_rules(wf, "format_dataset", cfg) == set(), "a second run must be a no-op"
+
+    peft_change = write_config(wf / "peft.yaml", {"peft": {"r": 4}})
+    assert planned_rules(wf, "format_dataset", cfg, peft_change) == set()
+    assert "download_dataset" not in planned_rules(wf, "train", cfg, peft_change)
+
+    mf = yaml.safe_load((wf / "config.yaml").read_text())["messages_format"]
+    mf["messages_format"]["system_prompt"] = "Be brief."
+    mf_change = write_config(wf / "mf.yaml", {"messages_format": mf})
+    assert planned_rules(wf, "format_dataset", cfg, mf_change) == {"preprocess_dataset", "format_dataset"}
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"dataset": {"id": "no/such/dir/data.jsonl"}}, "no/such/dir/data.jsonl does not exist"),
+        (
+            {
+                "messages_format": {
+                    "training_columns": {
+                        "question": "Open-ended Verifiable Question",
+                        "cot": "Reasoning",
+                        "response": "Response",
+                    }
+                }
+            },
+            "'Reasoning' is not in the train data",
+        ),
+    ],
+)
+def test_bad_input_fails_with_a_clear_message_and_no_outputs(tiny_workflow, override, message):
+    wf, cfg = tiny_workflow
+    bad = write_config(wf / "bad.yaml", override)
+    proc = smk(wf, "preprocess_dataset", "--configfile", str(cfg), "--configfile", str(bad), check=False)
+    assert proc.returncode != 0
+    logs = "".join(p.read_text() for p in (wf / "results" / "tiny" / "logs").glob("*.log"))
+    assert message in logs
+    assert not list((wf / "results" / "tiny" / "dataset").glob("preprocessed/*"))
+
+
+@pytest.mark.e2e
+def test_embedded_model_end_to_end(workflow_copy):
+    """The real embedded SmolLM2 through every stage with a handful of steps."""
+    cfg = write_config(
+        workflow_copy / "e2e.yaml",
+        {
+            "experiment": "e2e",
+            "dataset": {"max_rows": 40},
+            "training": {"max_steps": 3, "eval_steps": 3, "save_steps": 3, "per_device_train_batch_size": 2},
+            "evaluation": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 4},
+            "wandb": {"mode": "disabled"},
+        },
+    )
+    smk(workflow_copy, "--configfile", str(cfg))
+    res = workflow_copy / "results" / "e2e"
+    report = json.loads((res / "deployment_model" / "merge_report.json").read_text())
+    assert report["max_logit_diff"] <= 1e-3
+    for name in (
+        "base_model_evaluation.json",
+        "finetuned_model_evaluation.json",
+        "comparison.json",
+        "comparison.md",
+    ):
+        assert (res / "evaluation" / name).is_file()
+    ev = json.loads((res / "evaluation" / "base_model_evaluation.json").read_text())
+    assert ev["n_examples"] == 4 and "answer_accuracy" in ev["metrics"]
+    manifest = json.loads((workflow_copy / "models" / "smollm2-135m-instruct" / "manifest.json").read_text())
+    assert manifest["parameters"] > 100_000_000 and manifest["weights_sha256"]
+    config = json.loads((workflow_copy / "models" / "smollm2-135m-instruct" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert planned_rules(workflow_copy, "all", cfg) == set()
