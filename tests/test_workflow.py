@@ -24,9 +24,7 @@ def smk(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
 
 
 def planned_rules(workdir: Path, target: str, *configfiles: Path) -> set[str]:
-    args = ["-n", target]
-    for c in configfiles:
-        args += ["--configfile", str(c)]
+    args = ["-n", target, "--configfile", *map(str, configfiles)]  # one flag: a repeated flag replaces
     out = smk(workdir, *args).stdout
     if "Nothing to be done" in out:
         return set()
@@ -107,7 +105,7 @@ def test_data_stages_rerun_only_what_a_change_touches(tiny_workflow):
 def test_bad_input_fails_with_a_clear_message_and_no_outputs(tiny_workflow, override, message):
     wf, cfg = tiny_workflow
     bad = write_config(wf / "bad.yaml", override)
-    proc = smk(wf, "preprocess_dataset", "--configfile", str(cfg), "--configfile", str(bad), check=False)
+    proc = smk(wf, "preprocess_dataset", "--configfile", str(cfg), str(bad), check=False)
     assert proc.returncode != 0
     logs = "".join(p.read_text() for p in (wf / "results" / "tiny" / "logs").glob("*.log"))
     assert message in logs

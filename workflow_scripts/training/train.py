@@ -117,14 +117,15 @@ def bf16_is_fast(device: str) -> bool:
     return timed(a16, b16) < 0.8 * timed(a32, b32)
 
 
-def linear_module_names(model, language_only: bool) -> list[str]:
-    names = set()
+def linear_modules(model, language_only: bool) -> list[str]:
+    """Full names of the Linear layers LoRA may target (the LM head excluded)."""
+    names = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
             if language_only and "language_model" not in name:
                 continue
-            names.add(name.split(".")[-1])
-    return sorted(names)
+            names.append(name)
+    return names
 
 
 def lora_config_for(model, peft_cfg: dict, multimodal: bool):
@@ -133,18 +134,20 @@ def lora_config_for(model, peft_cfg: dict, multimodal: bool):
     kwargs = lora_kwargs(peft_cfg)
     kwargs.setdefault("task_type", "CAUSAL_LM")
     targets = kwargs.get("target_modules", "all-linear")
-    available = linear_module_names(model, language_only=multimodal)
+    full_names = linear_modules(model, language_only=multimodal)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in full_names})
     if targets != "all-linear":
         wanted = [targets] if isinstance(targets, str) else list(targets)
-        missing = [t for t in wanted if t not in available]
+        missing = [t for t in wanted if t not in leaves and t not in full_names]
         if missing:
             raise StageError(
-                f"peft.target_modules: {missing} not found in the model; its linear modules are {available}"
+                f"peft.target_modules: {missing} not found in the model; its linear modules are "
+                f"{[x for x in leaves if not x.isdigit()]}"
             )
+        full_names = [n for n in full_names if n in wanted or n.rsplit(".", 1)[-1] in wanted]
     if multimodal:
-        # LoRA on the language model only: vision/audio towers stay untouched.
-        wanted = available if targets == "all-linear" else wanted
-        kwargs["target_modules"] = rf".*language_model.*\.({'|'.join(map(re.escape, wanted))})$"
+        # LoRA on the language model only, by exact module name: vision/audio towers stay untouched.
+        kwargs["target_modules"] = full_names
     return LoraConfig(**kwargs)
 
 
@@ -363,22 +366,20 @@ def num_processes(training: dict, gpus: int = 0) -> int:
 
 
 def launch_distributed(kwargs: dict, nproc: int, resume: Path | None, accelerate_config: str | None) -> None:
-    """Re-run this stage under `accelerate launch` with ``nproc`` processes (DDP, or FSDP/DeepSpeed
-    through a user's accelerate config file). The parent has already prepared the checkpoints."""
+    """Re-run this stage with ``nproc`` processes: `accelerate launch` on GPUs (DDP, or FSDP/DeepSpeed
+    through the user's accelerate config file), torchrun (DDP over gloo) on CPU. The parent has
+    already prepared the checkpoints."""
     import tempfile
 
     spec = {**kwargs, "resume": str(resume) if resume else None}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=kwargs["checkpoint_dir"]) as f:
         json.dump(spec, f)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc)]
-    if accelerate_config:
-        cmd += ["--config_file", accelerate_config]
+    if accelerate_config or torch.cuda.is_available():
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc)]
+        cmd += ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu", "--num_machines", "1"]
     else:
-        cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        if not torch.cuda.is_available():
-            cmd += ["--cpu"]
-        else:
-            cmd += ["--multi_gpu"]
+        # accelerate runs several CPU processes only through MPI; torchrun gives plain DDP (gloo) on CPU.
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     cmd += ["-m", "workflow_scripts.training.train", "--spec", f.name]
     log.info("launching %d training processes: %s", nproc, " ".join(cmd))
     try:

@@ -75,7 +75,10 @@ class SnaketuneTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        if not self.labels_only_logits or return_outputs:
+        # Under DDP the forward must go through the wrapper (it arms the gradient all-reduce), so
+        # multi-process runs use TRL's loss; single-process runs call the decoder and head directly.
+        distributed = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if not self.labels_only_logits or return_outputs or distributed:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, stats = labels_only_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
