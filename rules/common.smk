@@ -33,6 +33,9 @@ def resources_for(group, gpu=False):
     """mem_mb / runtime (minutes) / gpu of a rule group, for local runs and the SLURM profile."""
     r = config["resources"]
     out = {"mem_mb": r["mem_mb"][group], "runtime": r["runtime"][group]}
+    for key in ("slurm_partition", "slurm_account"):
+        if r.get(key):
+            out[key] = r[key]
     if gpu:
         out["gpu"] = r["gpu"]
         if r["gpu"] and r.get("gpu_model"):

@@ -34,7 +34,12 @@ OWN_TRAINING_KEYS = {
 OWN_PEFT_KEYS = {"file"}
 FILE_SECTIONS = ("messages_format", "training", "peft")
 # Environment variable -> (section, key) it overrides.
-ENV_OVERRIDES = {"MODEL_ID": ("model", "id"), "DATASET": ("dataset", "id")}
+ENV_OVERRIDES = {
+    "MODEL_ID": ("model", "id"),
+    "DATASET": ("dataset", "id"),
+    "SNAKETUNE_SLURM_PARTITION": ("resources", "slurm_partition"),
+    "SNAKETUNE_SLURM_ACCOUNT": ("resources", "slurm_account"),
+}
 
 
 class ConfigError(ValueError):

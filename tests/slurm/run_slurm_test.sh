@@ -72,7 +72,8 @@ YAML
 
 test -f results/slurm/deployment_model/merge_report.json
 "$PY" -c "import json; r=json.load(open('results/slurm/deployment_model/merge_report.json')); assert r['max_logit_diff'] <= 1e-3, r"
-ids=$(grep -oE "SLURM (run )?[Jj]ob ?[Ii][Dd]:? ?[0-9]+|jobid [0-9]+|SLURM jobid [0-9]+" slurm_run.log | grep -oE "[0-9]+$" | sort -u)
+# Snakemake's SLURM executor logs "Job N has been submitted with SLURM jobid M" per sbatch call
+ids=$(grep -oE "submitted with SLURM jobid [0-9]+" slurm_run.log | grep -oE "[0-9]+$" | sort -un)
 n=$(echo "$ids" | grep -c . || true)
 echo "jobs submitted through sbatch: $n ($(echo $ids | tr '\n' ' '))"
 [ "$n" -ge 6 ] || { echo "expected >= 6 sbatch jobs (download, preprocess, prepare, format, train, merge)"; exit 1; }
