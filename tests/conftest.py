@@ -125,3 +125,29 @@ def workflow_copy(tmp_path):
     (dest / "workflow_scripts").symlink_to(REPO / "workflow_scripts")
     (dest / "data").symlink_to(REPO / "data")
     return dest
+
+
+def write_formatted(tmp_path: Path, formatter, tok, n_train: int = 24, n_eval: int = 8) -> dict[str, str]:
+    """Formatted train/validation/test parquet files of sample rows, as format_dataset writes them."""
+    import pandas as pd
+
+    from workflow_scripts.data.format_dataset import format_test_split, format_train_split
+
+    rows = sample_rows(n_train + n_eval)
+    convs = [
+        [
+            {"role": "system", "content": "Answer."},
+            {"role": "user", "content": r["Open-ended Verifiable Question"]},
+            {"role": "assistant", "content": f"<think>\n{r['Complex_CoT']}\n</think>\n{r['Response']}"},
+        ]
+        for r in rows
+    ]
+    train, _ = format_train_split([{"messages": c} for c in convs[:n_train]], formatter, tok, 4096, "drop")
+    val, _ = format_train_split([{"messages": c} for c in convs[n_train:]], formatter, tok, 4096, "drop")
+    test_rows = [{"messages": c[:2], "reference": r["Response"]} for c, r in zip(convs, rows, strict=True)]
+    test, _ = format_test_split(test_rows[n_train:], formatter, tok)
+    paths = {}
+    for split, data in (("train", train), ("validation", val), ("test", test)):
+        paths[split] = str(tmp_path / f"{split}.parquet")
+        pd.DataFrame(data).to_parquet(paths[split])
+    return paths

@@ -116,3 +116,14 @@ def test_trainer_keys_match_installed_libraries():
     """trainer_keys.json is what the Snakefile checks against; it must follow TRL/PEFT upgrades."""
     stored = json.loads((REPO / "workflow_scripts" / "trainer_keys.json").read_text())
     assert stored == compute_trainer_keys(), "run: python -m workflow_scripts.config --write-keys"
+
+
+def test_cli_strings_are_coerced_to_schema_types(resolved_config):
+    """`--config 'hub={dry_run: true}'` reaches the Snakefile as strings."""
+    cfg = resolved_config(
+        {"hub": {"repo_id": "me/x", "dry_run": "true"}, "evaluation": {"max_new_tokens": "64"}}
+    )
+    assert cfg["hub"]["dry_run"] is True and cfg["hub"]["repo_id"] == "me/x"
+    assert cfg["evaluation"]["max_new_tokens"] == 64
+    with pytest.raises(ConfigError, match="hub.dry_run"):
+        resolved_config({"hub": {"dry_run": "maybe"}})

@@ -100,6 +100,31 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
     assert single["token_ids"][1] == ref[: len(single["token_ids"][1])]
 
 
+def test_shared_prefix_generation_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
+    """Prompts from one template share a long prefix; it is encoded once and must change nothing."""
+    from workflow_scripts.evaluation.generate import GenerationSettings, common_prefix_length, generate
+    from workflow_scripts.models.loading import load_model
+
+    model = load_model(tiny_model_dir)
+    system = "Answer the question about the table. Think step by step, then give the answer."
+    prompts = [
+        tiny_tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": q}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for q in ["What was revenue in 2019?", "Sum?", "Table: | a | 1 |\nQuestion: what was a?", "ratio of x to y"]
+    ]
+    ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert common_prefix_length(ids) >= 8
+    shared = generate(model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=4), False)
+    plain = generate(
+        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=4, share_prefix=False), False
+    )
+    single = generate(model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=1), False)
+    assert shared["token_ids"] == single["token_ids"] == plain["token_ids"]
+
+
 def test_paired_bootstrap_ci_known_cases():
     delta, lo, hi = compare_stage.paired_bootstrap_ci([0] * 50, [1] * 50, samples=500)
     assert (delta, lo, hi) == (1.0, 1.0, 1.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import sample_rows
+from conftest import sample_rows, write_formatted
 
 from workflow_scripts.models.loading import FALLBACK_TEMPLATES, apply_chat_template, is_multimodal
 
@@ -130,31 +130,9 @@ def gemma3n_dir(tmp_path, tiny_vision_tower) -> Path:
 
 
 def formatted_splits(tmp_path, model_dir) -> dict[str, str]:
-    from workflow_scripts.data.format_dataset import format_test_split, format_train_split
     from workflow_scripts.models.loading import load_chat_formatter, load_tokenizer
 
-    formatter, tok = load_chat_formatter(model_dir), load_tokenizer(model_dir)
-    rows = sample_rows(28)
-    convs = [
-        {
-            "messages": [
-                {"role": "system", "content": "Answer."},
-                {"role": "user", "content": r["Open-ended Verifiable Question"]},
-                {"role": "assistant", "content": f"<think>\n{r['Complex_CoT']}\n</think>\n{r['Response']}"},
-            ]
-        }
-        for r in rows
-    ]
-    train, _ = format_train_split(convs[:20], formatter, tok, 4096, "drop")
-    val, _ = format_train_split(convs[20:], formatter, tok, 4096, "drop")
-    test, _ = format_test_split(
-        [{"messages": c["messages"][:2], "reference": "x"} for c in convs[20:]], formatter, tok
-    )
-    paths = {}
-    for split, data in (("train", train), ("validation", val), ("test", test)):
-        paths[split] = str(tmp_path / f"{split}.parquet")
-        pd.DataFrame(data).to_parquet(paths[split])
-    return paths
+    return write_formatted(tmp_path, load_chat_formatter(model_dir), load_tokenizer(model_dir), 20, 8)
 
 
 def test_gemma3n_chat_template_goes_through_the_processor(gemma3n_dir):

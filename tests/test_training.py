@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, build_tiny_llama
+from conftest import REPO, build_tiny_llama, write_formatted
 
 from workflow_scripts.common import StageError
 from workflow_scripts.training import train as train_stage
@@ -19,39 +19,9 @@ from workflow_scripts.training.data import IGNORE, Collator, load_examples, pack
 from workflow_scripts.training.trainer import labels_only_loss
 
 
-def make_formatted(tmp_path: Path, tok, n: int = 24) -> dict[str, str]:
-    """Formatted train/validation/test parquet files, as format_dataset writes them."""
-    from conftest import sample_rows
-
-    from workflow_scripts.data.format_dataset import format_test_split, format_train_split
-
-    rows = sample_rows(n + 8)
-    convs = [
-        {
-            "messages": [
-                {"role": "system", "content": "Answer."},
-                {"role": "user", "content": r["Open-ended Verifiable Question"]},
-                {"role": "assistant", "content": f"<think>\n{r['Complex_CoT']}\n</think>\n{r['Response']}"},
-            ]
-        }
-        for r in rows
-    ]
-    paths = {s: str(tmp_path / f"{s}.parquet") for s in ("train", "validation", "test")}
-    train, _ = format_train_split(convs[:n], tok, tok, 4096, "drop")
-    val, _ = format_train_split(convs[n:], tok, tok, 4096, "drop")
-    test_rows = [
-        {"messages": c["messages"][:2], "reference": r["Response"]}
-        for c, r in zip(convs[n:], rows[n:], strict=False)
-    ]
-    test, _ = format_test_split(test_rows, tok, tok)
-    for split, data in (("train", train), ("validation", val), ("test", test)):
-        pd.DataFrame(data).to_parquet(paths[split])
-    return paths
-
-
 @pytest.fixture
 def formatted(tmp_path, tiny_tokenizer):
-    return make_formatted(tmp_path, tiny_tokenizer)
+    return write_formatted(tmp_path, tiny_tokenizer, tiny_tokenizer)
 
 
 def test_labels_cover_assistant_tokens_only(formatted, tiny_tokenizer):

@@ -178,11 +178,44 @@ def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None) -> d
     return config
 
 
+def coerce_cli_strings(value, schema: dict):
+    """`--config 'hub={dry_run: true}'` arrives as strings (Snakemake parses nested values with
+    YAML's BaseLoader); turn them into the booleans/numbers/nulls the schema asks for."""
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for k, v in value.items():
+            sub = props.get(k) or (extra if isinstance(extra, dict) else {})
+            value[k] = coerce_cli_strings(v, sub)
+        return value
+    if isinstance(value, list):
+        return [coerce_cli_strings(v, schema.get("items", {})) for v in value]
+    if not isinstance(value, str):
+        return value
+    types = schema.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if "string" in types:
+        return value
+    lowered = value.strip().lower()
+    if "boolean" in types and lowered in ("true", "false"):
+        return lowered == "true"
+    if "null" in types and lowered in ("null", "none", "~"):
+        return None
+    for kind, cast in (("integer", int), ("number", float)):
+        if kind in types:
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
 def check_schema(config: dict) -> None:
     """Validate against the schema; the error names the config key at fault."""
     import jsonschema
 
     schema = yaml.safe_load(SCHEMA_FILE.read_text())
+    coerce_cli_strings(config, schema)
     validator = jsonschema.validators.validator_for(schema)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:

@@ -24,6 +24,7 @@ class GenerationSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0
+    share_prefix: bool = True
 
     @classmethod
     def from_config(cls, cfg: dict) -> "GenerationSettings":
@@ -53,6 +54,19 @@ def _pick(logits: torch.Tensor, s: GenerationSettings, gen: torch.Generator | No
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+MIN_SHARED_PREFIX = 8  # below this, a separate prefix pass costs more than it saves
+
+
+def common_prefix_length(prompts: list[list[int]]) -> int:
+    """Tokens all prompts share at the start, leaving each at least one token of its own."""
+    first = prompts[0]
+    limit = min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
 def _cache_kwarg(model) -> str:
     """transformers renamed `past_key_values` to `cache` (the old name warns, then goes away)."""
     import inspect
@@ -75,17 +89,29 @@ def generate_batch(
     from transformers import DynamicCache
 
     device = model.device
-    width = max(len(p) for p in prompts)
     n = len(prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        input_ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
-    input_ids, attn = input_ids.to(device), attn.to(device)
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     cache_kw = _cache_kwarg(model)
+    # Prompts built from one template share a prefix (system prompt, chat tokens, table header):
+    # encode it once and copy its KV cache to every row instead of recomputing it per row.
+    shared = common_prefix_length(prompts) if (s.share_prefix and n > 1) else 0
+    if shared >= MIN_SHARED_PREFIX:
+        prefix = torch.tensor(prompts[0][:shared], device=device)[None]
+        model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], use_cache=True, **{cache_kw: cache})
+        cache.batch_repeat_interleave(n)
+    else:
+        shared = 0
+    suffixes = [p[shared:] for p in prompts]
+    width = max(len(p) for p in suffixes)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, shared + width), dtype=torch.long)
+    attn[:, :shared] = 1
+    for i, p in enumerate(suffixes):
+        input_ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, shared + width - len(p) :] = 1
+    input_ids, attn = input_ids.to(device), attn.to(device)
+    # positions follow the real tokens: padding sits between the shared prefix and each suffix
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, shared:]
     out = _forward(
         model,
         input_ids=input_ids,
