@@ -68,7 +68,15 @@ def step_timer(counter):
     return StepTimer()
 
 
-def run_side(side: str, cfg_path: str, steps: int, threads: int) -> dict:
+ABLATIONS = {
+    "no labels-only logits": {"fast_path": {"labels_only_logits": False}},
+    "no length grouping": {"fast_path": {"group_by_length": False}},
+    "packing on": {"fast_path": {"packing": True}},
+    "gradient checkpointing on": {"gradient_checkpointing": True},
+}
+
+
+def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict | None = None) -> dict:
     import pandas as pd
     import torch
 
@@ -86,6 +94,8 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int) -> dict:
         "report_to": ["none"],
         "warmup_steps": 0,
     }
+    for key, value in (override or {}).items():
+        training[key] = {**training.get(key, {}), **value} if isinstance(value, dict) else value
     model_dir = str(REPO / "models" / model_name(cfg["model"]))
     fmt = REPO / "results" / cfg["experiment"] / "dataset" / "formatted"
     n_examples = steps * training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
@@ -180,25 +190,33 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
+    parser.add_argument(
+        "--ablations", action="store_true", help="also run snaketune with each speed-up switched off, one at a time"
+    )
     parser.add_argument("--side", choices=["trl", "snaketune"], help=argparse.SUPPRESS)
+    parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     total = args.steps + args.warmup
     if args.side:
-        result = run_side(args.side, args.config, total, args.threads)
+        result = run_side(args.side, args.config, total, args.threads, json.loads(args.override))
         Path(args.out).write_text(json.dumps(result))
         return
     peaks = {d: matmul_peak(d, args.threads) for d in ("float32", "bfloat16")}
     print(
         f"matmul peak here: fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s"
     )
+    runs = {"trl": ("trl", {}), "snaketune": ("snaketune", {})}
+    if args.ablations:
+        runs.update({f"snaketune, {name}": ("snaketune", ov) for name, ov in ABLATIONS.items()})
     results = {}
-    for side in ("trl", "snaketune"):
-        out = Path(f"/tmp/bench_train_{side}.json")
+    for label, (side, override) in runs.items():
+        out = Path("/tmp") / f"bench_train_{len(results)}.json"
         cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--config", args.config]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+        cmd += ["--override", json.dumps(override)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        results[side] = json.loads(out.read_text())
+        results[label] = json.loads(out.read_text())
     summary = {}
     for side, r in results.items():
         measured = r["steps"][args.warmup :]
@@ -214,9 +232,13 @@ def main() -> None:
         mfu = 4 * r["params_on_path"] * tps / peak
         summary[side] = {"tps": tps, "loss": sum(losses) / len(losses), "rss": r["peak_rss_mb"], "mfu": mfu}
         print(
-            f"{side:10s} {tps:8.1f} real tok/s  {toks:6d} tokens in {secs:6.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+            f"{side:42s} {tps:8.1f} real tok/s  {toks:6d} tokens in {secs:6.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
             f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  ({r['info']})"
         )
+    for label in summary:
+        if label.startswith("snaketune, "):
+            ratio = summary["snaketune"]["tps"] / summary[label]["tps"]
+            print(f"snaketune default vs {label[11:]}: {ratio:.2f}x")
     a, b = summary["trl"], summary["snaketune"]
     print(f"MFU formula: 4 * {results['snaketune']['params_on_path']:,} params * tok/s / matmul peak")
     print(

@@ -334,12 +334,12 @@ def build_trainer(
         disable_tqdm=False,
         **kwargs,
     )
-    pack = bool(fast.get("length_grouped_packing", True))
+    pack = bool(fast.get("packing", False))
     collator = Collator(tok.pad_token_id, pack=pack, max_length=training["max_length"])
     train_ds = Dataset.from_list(load_examples(train_path))
     eval_ds = Dataset.from_list(load_examples(validation_path)) if args.eval_strategy != "no" else None
-    if pack:
-        # Group examples of similar length into a step (less padding) when packing is on.
+    if fast.get("group_by_length", True):
+        # Examples of similar length share a step: little padding to compute.
         args.train_sampling_strategy = "group_by_length"
         train_ds = train_ds.add_column("length", [len(x) for x in train_ds["input_ids"]])
     callbacks = list(extra_callbacks)
@@ -357,7 +357,15 @@ def build_trainer(
         callbacks=callbacks,
         labels_only_logits=bool(fast.get("labels_only_logits", True)),
     )
-    info = {"bf16_hardware": use_bf16, "frozen_dtype": str(dtype), "packing": pack, "multimodal": multimodal}
+    info = {
+        "bf16_hardware": use_bf16,
+        "frozen_dtype": str(dtype),
+        "group_by_length": args.train_sampling_strategy == "group_by_length",
+        "packing": pack,
+        "labels_only_logits": bool(fast.get("labels_only_logits", True)),
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "multimodal": multimodal,
+    }
     return trainer, collator, info
 
 
