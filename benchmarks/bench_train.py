@@ -191,7 +191,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     parser.add_argument(
-        "--ablations", action="store_true", help="also run snaketune with each speed-up switched off, one at a time"
+        "--ablations",
+        action="store_true",
+        help="also run snaketune with each speed-up switched off, one at a time",
     )
     parser.add_argument("--side", choices=["trl", "snaketune"], help=argparse.SUPPRESS)
     parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)

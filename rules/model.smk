@@ -34,7 +34,7 @@ rule train:
         peft=config["peft"],
         wandb=config["wandb"],
         experiment=EXPERIMENT,
-        # >1 launches training with `accelerate launch` (one process per GPU)
+        # > 1 launches one training process per GPU (accelerate launch)
         gpus=config["resources"]["gpu"],
         # Outside the outputs: Snakemake must not delete them when a run dies (resume reads them).
         checkpoint_dir=res("checkpoints"),
@@ -49,9 +49,6 @@ rule train:
         ENV
     script:
         "../workflow_scripts/training/train.py"
-
-
-# The loss plot and training metrics appear in `snakemake --report`.
 
 
 rule merge:

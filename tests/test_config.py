@@ -96,12 +96,16 @@ def test_env_overrides_model_and_dataset(monkeypatch, resolved_config):
 
 
 def test_dotenv_file_is_loaded(tmp_path, monkeypatch):
+    import os
+
     monkeypatch.delenv("MODEL_ID", raising=False)
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     (tmp_path / ".env").write_text("MODEL_ID=from/dotenv\n")
-    cfg = load_and_resolve(tmp_path / "config.yaml")
-    assert cfg["model"]["id"] == "from/dotenv"
-    monkeypatch.delenv("MODEL_ID", raising=False)
+    try:
+        cfg = load_and_resolve(tmp_path / "config.yaml")
+        assert cfg["model"]["id"] == "from/dotenv"
+    finally:
+        os.environ.pop("MODEL_ID", None)  # set by python-dotenv, not by monkeypatch: undo it here
 
 
 def test_templates_insert_values_literally():

@@ -113,15 +113,28 @@ def test_shared_prefix_generation_equals_one_at_a_time(tiny_model_dir, tiny_toke
             tokenize=False,
             add_generation_prompt=True,
         )
-        for q in ["What was revenue in 2019?", "Sum?", "Table: | a | 1 |\nQuestion: what was a?", "ratio of x to y"]
+        for q in [
+            "What was revenue in 2019?",
+            "Sum?",
+            "Table: | a | 1 |\nQuestion: what was a?",
+            "ratio of x to y",
+        ]
     ]
     ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     assert common_prefix_length(ids) >= 8
-    shared = generate(model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=4), False)
-    plain = generate(
-        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=4, share_prefix=False), False
+    shared = generate(
+        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=4), False
     )
-    single = generate(model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=1), False)
+    plain = generate(
+        model,
+        tiny_tokenizer,
+        prompts,
+        GenerationSettings(max_new_tokens=10, batch_size=4, share_prefix=False),
+        False,
+    )
+    single = generate(
+        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=1), False
+    )
     assert shared["token_ids"] == single["token_ids"] == plain["token_ids"]
 
 

@@ -145,7 +145,12 @@ TRAINING = {
     "save_total_limit": 2,
     "seed": 1,
     "report_to": ["none"],
-    "fast_path": {"group_by_length": True, "packing": True, "labels_only_logits": True, "bf16_frozen_weights": True},
+    "fast_path": {
+        "group_by_length": True,
+        "packing": True,
+        "labels_only_logits": True,
+        "bf16_frozen_weights": True,
+    },
 }
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 

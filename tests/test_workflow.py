@@ -1,6 +1,7 @@
 """The Snakemake workflow itself: config errors before any job, staleness, and one real end-to-end run."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,8 +14,15 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def smk(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
+    # the user's MODEL_ID / DATASET would override the test configs
+    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_ID", "DATASET")}
     proc = subprocess.run(
-        [*SNAKEMAKE, "--cores", "2", *args], cwd=workdir, capture_output=True, text=True, timeout=1200
+        [*SNAKEMAKE, "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -384,7 +384,11 @@ def launch_distributed(kwargs: dict, nproc: int, resume: Path | None, accelerate
         json.dump(spec, f)
     if accelerate_config or torch.cuda.is_available():
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc)]
-        cmd += ["--config_file", accelerate_config] if accelerate_config else ["--multi_gpu", "--num_machines", "1"]
+        cmd += (
+            ["--config_file", accelerate_config]
+            if accelerate_config
+            else ["--multi_gpu", "--num_machines", "1"]
+        )
     else:
         # accelerate runs several CPU processes only through MPI; torchrun gives plain DDP (gloo) on CPU.
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
