@@ -97,7 +97,8 @@ def generate_batch(
     shared = common_prefix_length(prompts) if (s.share_prefix and n > 1) else 0
     if shared >= MIN_SHARED_PREFIX:
         prefix = torch.tensor(prompts[0][:shared], device=device)[None]
-        model(
+        _forward(
+            model,
             input_ids=prefix,
             position_ids=torch.arange(shared, device=device)[None],
             use_cache=True,
