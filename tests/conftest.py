@@ -28,24 +28,27 @@ def sample_rows(n: int) -> list[dict]:
     return rows
 
 
-def build_tokenizer():
-    """A byte-level BPE tokenizer trained on the sample in well under a second, with ChatML."""
+def train_bpe_tokenizer(specials: list[str], **tokens):
+    """A byte-level BPE tokenizer trained on the sample in well under a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from workflow_scripts.models.loading import FALLBACK_TEMPLATES
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     texts = [" ".join(r.values()) for r in sample_rows(300)] + ["system user assistant Answer the question"]
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **tokens)
+
+
+def build_tokenizer():
+    """The tiny test tokenizer with ChatML."""
+    from workflow_scripts.models.loading import FALLBACK_TEMPLATES
+
+    fast = train_bpe_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None)
     fast.chat_template = FALLBACK_TEMPLATES["chatml"]
     return fast
 

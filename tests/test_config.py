@@ -83,7 +83,11 @@ def test_seed_messages_format_file(tmp_path, resolved_config):
             }
         )
     )
-    cfg = resolved_config({"messages_format": {"file": str(seed_file)}})
+    # the default filters name the default placeholders: refused at load, naming the key
+    with pytest.raises(ConfigError, match="filters.min_chars.question: not a placeholder name; names: a, q"):
+        resolved_config({"messages_format": {"file": str(seed_file)}})
+    filters = {"min_chars": {"q": 5}, "max_chars": {}}
+    cfg = resolved_config({"messages_format": {"file": str(seed_file)}, "filters": filters})
     assert cfg["messages_format"]["training_columns"] == {"q": "Question", "a": "Answer"}
 
 

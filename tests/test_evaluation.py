@@ -138,6 +138,18 @@ def test_shared_prefix_generation_equals_one_at_a_time(tiny_model_dir, tiny_toke
     assert shared["token_ids"] == single["token_ids"] == plain["token_ids"]
 
 
+def test_sliding_window_models_get_unpadded_batches_when_padding_could_leave_the_window():
+    from workflow_scripts.evaluation.generate import make_batches
+
+    lengths = [10, 12, 10, 12, 11, 30]
+    # no sliding window: length-sorted batches of up to 4
+    assert make_batches(lengths, 4, 8, None) == [[0, 2, 4, 1], [3, 5]]
+    # window 100: every padded sequence fits, padding cannot change what attention sees
+    assert make_batches(lengths, 4, 8, 100) == [[0, 2, 4, 1], [3, 5]]
+    # window 16: 10 + 8 > 16, so each batch holds one prompt length only
+    assert make_batches(lengths, 4, 8, 16) == [[0, 2], [4], [1, 3], [5]]
+
+
 def test_paired_bootstrap_ci_known_cases():
     delta, lo, hi = compare_stage.paired_bootstrap_ci([0] * 50, [1] * 50, samples=500)
     assert (delta, lo, hi) == (1.0, 1.0, 1.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import sample_rows, write_formatted
+from conftest import train_bpe_tokenizer, write_formatted
 
 from workflow_scripts.models.loading import FALLBACK_TEMPLATES, apply_chat_template, is_multimodal
 
@@ -48,19 +48,9 @@ def tiny_vision_tower(monkeypatch):
 
 
 def gemma_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", *MM_TOKENS.values()]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator([" ".join(r.values()) for r in sample_rows(200)], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    return train_bpe_tokenizer(
+        specials,
         pad_token="<pad>",
         eos_token="<end_of_turn>",
         bos_token="<bos>",

@@ -142,7 +142,11 @@ def check_semantics(config: dict) -> None:
             f"({split['train']} + {split['validation']} + {split['test']})"
         )
 
-    mf = config["messages_format"]
+    check_messages_format(config["messages_format"], config["filters"])
+
+
+def check_messages_format(mf: dict, filters: dict) -> None:
+    """Templates use only defined placeholders; filters name only placeholders."""
     messages = mf["messages_format"]["messages"]
     if messages[-1]["role"] != "assistant":
         raise ConfigError(
@@ -160,6 +164,11 @@ def check_semantics(config: dict) -> None:
                 raise ConfigError(
                     f"{where}: uses {{system_prompt}} but messages_format.system_prompt is not set"
                 )
+    names = ", ".join(sorted(mf["training_columns"]))
+    for key in ("min_chars", "max_chars"):
+        for name in filters.get(key) or {}:
+            if name not in mf["training_columns"]:
+                raise ConfigError(f"filters.{key}.{name}: not a placeholder name; names: {names}")
 
 
 def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None) -> dict:

@@ -8,7 +8,7 @@ from collections import Counter
 import pandas as pd
 
 from workflow_scripts.common import StageError, snakemake_main, write_json, write_jsonl
-from workflow_scripts.config import ConfigError, render_template, template_fields
+from workflow_scripts.config import ConfigError, check_messages_format, render_template
 
 log = logging.getLogger("snaketune.preprocess_dataset")
 
@@ -41,24 +41,10 @@ def check_columns(frame: pd.DataFrame, split: str, mf: dict) -> None:
 
 
 def check_templates(mf: dict, filters: dict) -> None:
-    defined = set(mf["training_columns"]) | {"system_prompt"}
-    for i, msg in enumerate(mf["messages_format"]["messages"]):
-        where = f"messages_format.messages_format.messages[{i}].content"
-        try:
-            names = template_fields(msg["content"], where)
-        except ConfigError as exc:
-            raise StageError(str(exc)) from None
-        for name in names:
-            if name not in defined:
-                raise StageError(
-                    f"{where}: unknown placeholder {{{name}}}; defined names: {', '.join(sorted(defined))}"
-                )
-    for key in ("min_chars", "max_chars"):
-        for name in filters.get(key) or {}:
-            if name not in mf["training_columns"]:
-                raise StageError(
-                    f"filters.{key}.{name}: not a placeholder name; names: {', '.join(sorted(mf['training_columns']))}"
-                )
+    try:
+        check_messages_format(mf, filters)
+    except ConfigError as exc:
+        raise StageError(str(exc)) from None
 
 
 def build_messages(templates: list[dict], values: dict[str, str]) -> list[dict]:

@@ -160,21 +160,46 @@ def generate_batch(
     return results
 
 
+def sliding_window(model) -> int | None:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    uses_it = "sliding_attention" in layer_types or getattr(cfg, "use_sliding_window", window is not None)
+    return window if window and uses_it else None
+
+
+def make_batches(
+    lengths: list[int], batch_size: int, max_new_tokens: int, window: int | None
+) -> list[list[int]]:
+    """Length-sorted batches of prompt indices. A sliding window counts padding slots as positions,
+    so when a padded sequence could outgrow the window, a batch only holds prompts of one length
+    (no padding): outputs then stay identical to one-prompt-at-a-time generation."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        last = batches[-1] if batches else None
+        exact = window is not None and lengths[i] + max_new_tokens > window
+        if last and len(last) < batch_size and (not exact or lengths[last[0]] == lengths[i]):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progress=True) -> dict:
     """Generate for every prompt; returns texts, token counts and timing, in the input order."""
     from tqdm.auto import tqdm
 
     model.eval()
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # little padding per batch
+    batches = make_batches([len(e) for e in encoded], s.batch_size, s.max_new_tokens, sliding_window(model))
     stop_ids = eos_ids(model, tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
     gen = torch.Generator(device=model.device).manual_seed(s.seed) if s.do_sample else None
     outputs: list[list[int]] = [[] for _ in encoded]
     t0 = time.perf_counter()
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, mininterval=5)
-    for start in range(0, len(order), s.batch_size):
-        batch = order[start : start + s.batch_size]
+    for batch in batches:
         for i, ids in zip(
             batch, generate_batch(model, [encoded[i] for i in batch], pad_id, stop_ids, s, gen), strict=True
         ):

@@ -91,7 +91,7 @@ def run(base_dir: str, adapter_dir: str, test_path: str, run_json: str | None, o
         formatter = load_chat_formatter(base_dir)
         formatter.save_pretrained(tmp)
         if is_multimodal(base_dir):
-            load_tokenizer(base_dir).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         del merged, adapted
         reloaded = load_model(tmp, dtype=dtype)  # the base model's class, from disk, no PEFT
         diff = max_logit_diff(reference, prompt_logits(reloaded, tok, prompts))

