@@ -15,7 +15,7 @@ configfile: "config.yaml"
 
 
 try:
-    resolve(config, workflow.basedir, validate)
+    resolve(config, workflow.basedir, validate, user=workflow.config_settings.overwrite_config)
 except ConfigError as exc:
     raise WorkflowError(f"Invalid configuration: {exc}") from None
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from workflow_scripts.config import model_name  # noqa: E402
+from workflow_scripts.config import load_and_resolve  # noqa: E402
+from workflow_scripts.config import model_dir as base_model_dir  # noqa: E402
 from workflow_scripts.evaluation.generate import GenerationSettings, eos_ids, generate  # noqa: E402
 from workflow_scripts.models.loading import load_model, load_tokenizer, resolve_dtype  # noqa: E402
 
@@ -62,9 +62,9 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "config.yaml"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = yaml.safe_load(Path(args.config).read_text())
+    cfg = load_and_resolve(args.config)
     ev = cfg["evaluation"]
-    model_dir = REPO / "models" / model_name(cfg["model"])
+    model_dir = REPO / base_model_dir(cfg["model"])
     test = REPO / "results" / cfg.get("experiment", "default") / "dataset" / "formatted" / "test.parquet"
     if not model_dir.is_dir() or not test.is_file():
         sys.exit(

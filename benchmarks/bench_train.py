@@ -80,7 +80,7 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
     import pandas as pd
     import torch
 
-    from workflow_scripts.config import load_and_resolve, model_name
+    from workflow_scripts.config import load_and_resolve, model_dir
     from workflow_scripts.training.train import bf16_is_fast, build_trainer
 
     torch.set_num_threads(threads)
@@ -96,7 +96,7 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
     }
     for key, value in (override or {}).items():
         training[key] = {**training.get(key, {}), **value} if isinstance(value, dict) else value
-    model_dir = str(REPO / "models" / model_name(cfg["model"]))
+    base_dir = str(REPO / model_dir(cfg["model"]))
     fmt = REPO / "results" / cfg["experiment"] / "dataset" / "formatted"
     n_examples = steps * training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
     frame = pd.read_parquet(fmt / "train.parquet").head(n_examples)
@@ -107,7 +107,7 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
         trainer, collator, info = build_trainer(
             str(subset),
             str(subset),
-            model_dir,
+            base_dir,
             training,
             cfg["peft"],
             Path("/tmp/bench_ckpt_c"),
@@ -127,7 +127,7 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
         for messages in frame["messages"]:
             msgs = json.loads(messages)
             rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(base_dir)
         bf16 = bf16_is_fast("cpu")  # TRL's default is bf16=True; kept only where bf16 is fast here
         args = SFTConfig(
             output_dir="/tmp/bench_ckpt_b",
@@ -144,7 +144,7 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
             bf16=bf16,
             seed=training["seed"],
         )
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         trainer = SFTTrainer(
             model=model,
             args=args,

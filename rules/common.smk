@@ -1,10 +1,9 @@
 # Paths of every artifact and helpers shared by the rules. Nothing here reads files.
-from workflow_scripts.config import model_name
+from workflow_scripts.config import check_safe_name, model_dir
 
-EXPERIMENT = config["experiment"]
+EXPERIMENT = check_safe_name(config["experiment"], "experiment")  # checked again where paths are built
 RESULTS = f"results/{EXPERIMENT}"
-BASE_MODEL_DIR = f"models/{model_name(config['model'])}"
-SPLITS = ["train", "validation", "test"]
+BASE_MODEL_DIR = model_dir(config["model"])
 ENV = "../envs/snaketune.yaml"
 
 
@@ -22,11 +21,13 @@ def bench_of(rule_name):
 
 
 def local_dataset_input(wildcards):
-    """A local dataset file/folder is an input, so editing it re-runs the data stages."""
-    from pathlib import Path
+    """Every local data file is an input: editing one re-runs the data stages."""
+    from workflow_scripts.data.sources import local_split_files, looks_local
 
-    path = Path(config["dataset"]["id"])
-    return [str(path)] if path.exists() else []
+    if not looks_local(config["dataset"]["id"]):
+        return []
+    by_split, _ = local_split_files(config["dataset"])  # checked at load: cannot fail here
+    return sorted(f for files in by_split.values() for f in files)
 
 
 def resources_for(group, gpu=False):

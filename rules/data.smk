@@ -8,6 +8,7 @@ rule download_dataset:
         train=res("dataset/raw/train.parquet"),
         validation=res("dataset/raw/validation.parquet"),
         test=res("dataset/raw/test.parquet"),
+        sources=res("dataset/raw/sources.json"),
     params:
         dataset=config["dataset"],
     log:
@@ -25,7 +26,9 @@ rule download_dataset:
 
 rule preprocess_dataset:
     input:
-        **rules.download_dataset.output,
+        train=rules.download_dataset.output.train,
+        validation=rules.download_dataset.output.validation,
+        test=rules.download_dataset.output.test,
     output:
         train=res("dataset/preprocessed/train.jsonl"),
         validation=res("dataset/preprocessed/validation.jsonl"),

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -154,3 +155,22 @@ def write_formatted(tmp_path: Path, formatter, tok, n_train: int = 24, n_eval: i
         paths[split] = str(tmp_path / f"{split}.parquet")
         pd.DataFrame(data).to_parquet(paths[split])
     return paths
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def tiny_workflow(workflow_copy, tiny_model_dir, sample_jsonl):
+    cfg = write_config(
+        workflow_copy / "tiny.yaml",
+        {
+            "experiment": "tiny",
+            "model": {"id": str(tiny_model_dir), "name": "tiny"},
+            "dataset": {"id": str(sample_jsonl)},
+            "wandb": {"mode": "disabled"},
+        },
+    )
+    return workflow_copy, cfg

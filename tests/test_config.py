@@ -1,14 +1,11 @@
 """Config validation: every bad key is refused by name before any job runs."""
 
-import json
-
 import pytest
 import yaml
 from conftest import REPO
 
 from workflow_scripts.config import (
     ConfigError,
-    compute_trainer_keys,
     load_and_resolve,
     render_template,
     template_fields,
@@ -83,20 +80,29 @@ def test_seed_messages_format_file(tmp_path, resolved_config):
             }
         )
     )
-    # the default filters name the default placeholders: refused at load, naming the key
-    with pytest.raises(ConfigError, match="filters.min_chars.question: not a placeholder name; names: a, q"):
-        resolved_config({"messages_format": {"file": str(seed_file)}})
-    filters = {"min_chars": {"q": 5}, "max_chars": {}}
+    # the file's columns replace the default's; the default's filters (which name the default's
+    # placeholders) are dropped, and the user's own filters are kept
+    cfg = resolved_config({"messages_format": {"file": str(seed_file)}})
+    assert cfg["messages_format"]["training_columns"] == {"a": "Answer", "q": "Question"}
+    assert cfg["filters"]["min_chars"] == {} and cfg["filters"]["max_chars"] == {}
+    filters = {"min_chars": {"q": 5}}
     cfg = resolved_config({"messages_format": {"file": str(seed_file)}, "filters": filters})
-    assert cfg["messages_format"]["training_columns"] == {"q": "Question", "a": "Answer"}
+    assert cfg["filters"]["min_chars"] == {"q": 5}
+    with pytest.raises(ConfigError, match="filters.min_chars.question: not a placeholder name; names: a, q"):
+        resolved_config(
+            {"messages_format": {"file": str(seed_file)}, "filters": {"min_chars": {"question": 3}}}
+        )
 
 
-def test_env_overrides_model_and_dataset(monkeypatch, resolved_config):
+def test_env_overrides_model_and_dataset(monkeypatch, resolved_config, sample_jsonl):
     monkeypatch.setenv("MODEL_ID", "some/model")
-    monkeypatch.setenv("DATASET", "data/other.jsonl")
+    monkeypatch.setenv("DATASET", str(sample_jsonl))
     cfg = resolved_config()
     assert cfg["model"]["id"] == "some/model"
-    assert cfg["dataset"]["id"] == "data/other.jsonl"
+    assert cfg["dataset"]["id"] == str(sample_jsonl)
+    monkeypatch.setenv("DATASET", "data/other.jsonl")  # a missing local file fails at load
+    with pytest.raises(ConfigError, match="dataset.id: local path data/other.jsonl does not exist"):
+        resolved_config()
 
 
 def test_dotenv_file_is_loaded(tmp_path, monkeypatch):
@@ -118,12 +124,6 @@ def test_templates_insert_values_literally():
     assert out == "Q: {json: [1, 2]} \\frac{a}{b} {not a placeholder}"
     with pytest.raises(ConfigError, match="plain name"):
         template_fields("{x:>10}", "t")
-
-
-def test_trainer_keys_match_installed_libraries():
-    """trainer_keys.json is what the Snakefile checks against; it must follow TRL/PEFT upgrades."""
-    stored = json.loads((REPO / "workflow_scripts" / "trainer_keys.json").read_text())
-    assert stored == compute_trainer_keys(), "run: python -m workflow_scripts.config --write-keys"
 
 
 def test_cli_strings_are_coerced_to_schema_types(resolved_config):

@@ -13,13 +13,17 @@ SPLITS = ("train", "validation", "test")
 
 def dataset_cfg(path, **kw):
     cfg = {"id": str(path), "config": None, "revision": None, "max_rows": None}
+    cfg.update(data_files=None, split_names=None)
     cfg["split"] = {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 1}
     cfg.update(kw)
     return cfg
 
 
 def outputs(tmp_path, kind="raw", ext="parquet"):
-    return {s: str(tmp_path / kind / f"{s}.{ext}") for s in SPLITS}
+    out = {s: str(tmp_path / kind / f"{s}.{ext}") for s in SPLITS}
+    if kind == "raw":
+        out["sources"] = str(tmp_path / kind / "sources.json")
+    return out
 
 
 def test_download_splits_a_single_file_by_ratio(sample_jsonl, tmp_path):

@@ -45,7 +45,9 @@ def test_parse_scale_words():
             True,
         ),  # after </think> wins
         ("<think>x</think>\nThe answer is 31.", "The answer is 30.", False),
-        ("The answer is 30.2", "The answer is 30.", True),  # within 1%
+        ("The answer is 30.2", "The answer is 30.", True),  # rounds to 30, the reference's 0 decimals
+        ("The answer is 30.6", "The answer is 30.", False),  # within 1%, but rounds to 31
+        ("The answer is $703.1", "The answer is 705.25.", False),  # within 1%, not at 2 decimals
         ("The answer is 0.25", "The answer is 25.0%.", True),  # fraction vs percent
         ("The answer is 25%", "The answer is 0.25.", True),
         ("The answer is (12)", "The answer is -12.", True),  # parenthesised negative
@@ -57,6 +59,7 @@ def test_parse_scale_words():
     ],
 )
 def test_is_correct(prediction, reference, expected):
+    """The default matching: numbers at the precision the reference shows (tests/test_answers.py)."""
     assert is_correct(prediction, reference, 0.01) is expected
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_config  # noqa: F401 - re-exported for other test modules
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -37,25 +38,6 @@ def planned_rules(workdir: Path, target: str, *configfiles: Path) -> set[str]:
     if "Nothing to be done" in out:
         return set()
     return set(re.findall(r"^rule (\w+):", out, flags=re.M)) - {"all"}
-
-
-def write_config(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-@pytest.fixture
-def tiny_workflow(workflow_copy, tiny_model_dir, sample_jsonl):
-    cfg = write_config(
-        workflow_copy / "tiny.yaml",
-        {
-            "experiment": "tiny",
-            "model": {"id": str(tiny_model_dir), "name": "tiny"},
-            "dataset": {"id": str(sample_jsonl)},
-            "wandb": {"mode": "disabled"},
-        },
-    )
-    return workflow_copy, cfg
 
 
 @pytest.mark.parametrize(
@@ -116,7 +98,7 @@ def test_bad_input_fails_with_a_clear_message_and_no_outputs(tiny_workflow, over
     proc = smk(wf, "preprocess_dataset", "--configfile", str(cfg), str(bad), check=False)
     assert proc.returncode != 0
     logs = "".join(p.read_text() for p in (wf / "results" / "tiny" / "logs").glob("*.log"))
-    assert message in logs
+    assert message in logs + proc.stdout + proc.stderr  # a missing file fails at load, before any log
     assert not list((wf / "results" / "tiny" / "dataset").glob("preprocessed/*"))
 
 
@@ -146,8 +128,9 @@ def test_embedded_model_end_to_end(workflow_copy):
         assert (res / "evaluation" / name).is_file()
     ev = json.loads((res / "evaluation" / "base_model_evaluation.json").read_text())
     assert ev["n_examples"] == 4 and "answer_accuracy" in ev["metrics"]
-    manifest = json.loads((workflow_copy / "models" / "smollm2-135m-instruct" / "manifest.json").read_text())
+    (base,) = [p for p in (workflow_copy / "models").glob("smollm2-135m-instruct-*") if p.is_dir()]
+    manifest = json.loads((base / "manifest.json").read_text())
     assert manifest["parameters"] > 100_000_000 and manifest["weights_sha256"]
-    config = json.loads((workflow_copy / "models" / "smollm2-135m-instruct" / "config.json").read_text())
+    config = json.loads((base / "config.json").read_text())
     assert "quantization_config" not in config
     assert planned_rules(workflow_copy, "all", cfg) == set()

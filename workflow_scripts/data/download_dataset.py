@@ -1,15 +1,31 @@
-"""Stage 1: fetch the dataset (Hub id or local file/folder) and write train/validation/test parquet."""
+"""Stage 1: fetch the dataset (Hub id or local files) and write train/validation/test parquet.
 
+Set-up: find the files or Hub splits that feed each split (sources.py; an unrecognised file
+name is an error). Work: read every cell as text exactly as written, keep the splits the source
+has, carve only the missing ones from train. Save: one parquet per split and `sources.json`,
+the record of which files fed each split and what was carved with which seed.
+"""
+
+import hashlib
 import logging
-from pathlib import Path
 
-from workflow_scripts.common import StageError, atomic_path, hf_token, snakemake_main
+import numpy as np
+import pandas as pd
+
+from workflow_scripts.common import StageError, hf_token, snakemake_main, write_json, write_parquet
+from workflow_scripts.data.sources import (
+    SPLITS,
+    SourceError,
+    local_split_files,
+    looks_local,
+    read_rows,
+    rows_as_text,
+)
 
 log = logging.getLogger("snaketune.download_dataset")
 
-SPLITS = ("train", "validation", "test")
-FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-SPLIT_ALIASES = {
+# Hub split names understood without `dataset.split_names` (the datasets library's vocabulary).
+HUB_ALIASES = {
     "train": "train",
     "training": "train",
     "validation": "validation",
@@ -18,57 +34,53 @@ SPLIT_ALIASES = {
     "dev": "validation",
     "test": "test",
     "testing": "test",
+    "eval": "test",
+    "evaluation": "test",
 }
 
 
-def looks_local(dataset_id: str) -> bool:
-    p = Path(dataset_id)
-    return p.exists() or p.suffix.lower() in FORMATS or dataset_id.startswith((".", "/", "~"))
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def _local_data_files(path: Path) -> tuple[str, dict[str, list[str]]]:
-    """The `datasets` builder name and data files per split of a local file or folder."""
-    if path.is_file():
-        fmt = FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise StageError(
-                f"dataset.id: unsupported file format {path.suffix!r} of {path} (use json, jsonl, csv or parquet)"
-            )
-        return fmt, {"train": [str(path)]}
-    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in FORMATS)
-    if not files:
-        raise StageError(f"dataset.id: folder {path} holds no json, jsonl, csv or parquet file")
-    kinds = {FORMATS[f.suffix.lower()] for f in files}
-    if len(kinds) > 1:
-        raise StageError(f"dataset.id: folder {path} mixes formats {sorted(kinds)}; keep one")
-    by_split: dict[str, list[str]] = {}
-    for f in files:
-        stem = f.stem.lower().split("-")[0].split(".")[0]
-        by_split.setdefault(SPLIT_ALIASES.get(stem, "train"), []).append(str(f))
-    return kinds.pop(), by_split
+def load_local(cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
+    files_record: dict[str, list[dict]] = {}
+    frames = {}
+    try:
+        by_split, how = local_split_files(cfg)
+        for split, files in by_split.items():
+            rows = []
+            for f in files:
+                file_rows = read_rows(f)
+                rows.extend(file_rows)
+                files_record.setdefault(split, []).append(
+                    {"path": f, "sha256": _sha256(f), "rows": len(file_rows)}
+                )
+            frames[split] = pd.DataFrame(rows, dtype=object)
+    except SourceError as exc:
+        raise StageError(str(exc)) from None
+    log.info(
+        "local files per split (%s): %s", how, {s: [e["path"] for e in v] for s, v in files_record.items()}
+    )
+    return frames, {"source": "local", "found_by": how, "files": files_record}
 
 
-def load_source(cfg: dict):
-    """A DatasetDict with whatever splits the source has."""
+def load_hub(cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
     import datasets
 
     dataset_id = cfg["id"]
-    if looks_local(dataset_id):
-        path = Path(dataset_id).expanduser()
-        if not path.exists():
-            raise StageError(f"dataset.id: local path {path} does not exist")
-        fmt, data_files = _local_data_files(path)
-        log.info("loading local %s files: %s", fmt, data_files)
-        try:
-            return datasets.load_dataset(fmt, data_files=data_files)
-        except Exception as exc:
-            raise StageError(f"dataset.id: could not read {path} as {fmt}: {exc}") from exc
-    log.info(
-        "loading Hub dataset %s (config=%s, revision=%s)", dataset_id, cfg.get("config"), cfg.get("revision")
-    )
+    log.info("loading Hub dataset %s (config=%s, revision=%s)", dataset_id, cfg["config"], cfg["revision"])
     try:
-        return datasets.load_dataset(
-            dataset_id, name=cfg.get("config"), revision=cfg.get("revision"), token=hf_token()
+        source = datasets.load_dataset(
+            dataset_id,
+            name=cfg["config"],
+            revision=cfg["revision"],
+            data_files=cfg["data_files"],
+            token=hf_token(),
         )
     except Exception as exc:
         raise StageError(
@@ -76,57 +88,93 @@ def load_source(cfg: dict):
             "If the Hub is unreachable, download the data elsewhere and point dataset.id at a local "
             "json/jsonl/csv/parquet file or folder (e.g. --config dataset.id=data/my_data.jsonl)."
         ) from exc
+    names = cfg["split_names"]
+    if names:
+        wanted = {ours: theirs for ours, theirs in names.items() if theirs}
+        for ours, theirs in wanted.items():
+            if theirs not in source:
+                raise StageError(
+                    f"dataset.split_names.{ours}: {dataset_id} has no split {theirs!r} (splits: {sorted(source)})"
+                )
+    else:
+        wanted = {}
+        for theirs in source:
+            ours = HUB_ALIASES.get(theirs.lower())
+            if ours is None:
+                log.info(
+                    "ignoring split %r (not train/validation/test; map it with dataset.split_names)", theirs
+                )
+            elif ours in wanted:
+                raise StageError(
+                    f"dataset.id: {dataset_id} has splits {wanted[ours]!r} and {theirs!r} that both mean "
+                    f"{ours}; choose one with dataset.split_names.{ours}"
+                )
+            else:
+                wanted[ours] = theirs
+    frames = {
+        ours: pd.DataFrame(rows_as_text(source[theirs].to_list()), dtype=object)
+        for ours, theirs in wanted.items()
+    }
+    if "train" not in frames:
+        raise StageError(
+            f"dataset.id: {dataset_id} has no train split (splits: {sorted(source)}); "
+            "map one with dataset.split_names.train"
+        )
+    record = {
+        "source": "hub",
+        "id": dataset_id,
+        "config": cfg["config"],
+        "revision": cfg["revision"],
+        "splits": wanted,
+    }
+    return frames, record
 
 
-def make_splits(source, cfg: dict) -> dict:
-    """Keep the splits the source has; carve the missing ones with the configured ratios."""
-    named = {}
-    for name, ds in source.items():
-        target = SPLIT_ALIASES.get(name.lower())
-        if target is None:
-            log.info("ignoring split %r (not train/validation/test)", name)
-            continue
-        named[target] = ds
-    if "train" not in named:
-        raise StageError(f"dataset.id: {cfg['id']} has no train split (splits: {sorted(source)})")
+def make_splits(frames: dict[str, pd.DataFrame], cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Keep the splits the source has; carve only the missing ones out of train."""
     ratios, seed = cfg["split"], cfg["split"]["seed"]
-    train = named["train"].shuffle(seed=seed)
+    # The same permutation as datasets' Dataset.shuffle(seed) (numpy's default generator).
+    order = np.random.default_rng(seed).permutation(len(frames["train"]))
+    train = frames["train"].iloc[order].reset_index(drop=True)
+    named = {s: f for s, f in frames.items() if s != "train"}
     missing = [s for s in ("validation", "test") if s not in named]
+    carved = {}
     if missing:
         share = {s: ratios[s] for s in missing}
         total = ratios["train"] + sum(share.values())
-        n = len(train)
-        start = 0
+        n, start = len(train), 0
         for s in missing:
             k = round(n * share[s] / total)
-            named[s] = train.select(range(start, start + k))
+            named[s] = train.iloc[start : start + k].reset_index(drop=True)
+            carved[s] = {"rows": k, "share_of_train_pool": round(share[s] / total, 6)}
             start += k
-        train = train.select(range(start, n))
-        log.info("carved %s from train with ratios %s", missing, share)
+        train = train.iloc[start:].reset_index(drop=True)
+        log.info("carved %s out of the train split (seed %d): %s", missing, seed, carved)
     named["train"] = train
-    if cfg.get("max_rows"):
-        named = {s: ds.select(range(min(cfg["max_rows"], len(ds)))) for s, ds in named.items()}
+    if cfg["max_rows"]:
+        named = {s: f.iloc[: cfg["max_rows"]] for s, f in named.items()}
     for s in SPLITS:
         if len(named[s]) == 0:
             raise StageError(
-                f"dataset.split.{s}: the {s} split is empty (ratios {dict(ratios)}, rows {len(train)})"
+                f"dataset.split.{s}: the {s} split is empty (ratios {dict(ratios)}, train rows {len(train)})"
             )
-    return named
+    return named, {"carved_from_train": carved, "seed": seed, "max_rows": cfg["max_rows"]}
 
 
 def run(cfg: dict, outputs: dict[str, str]) -> dict[str, int]:
-    splits = make_splits(load_source(cfg), cfg)
-    counts = {}
+    """``outputs``: a parquet path per split and ``sources`` (the provenance record)."""
+    frames, record = load_local(cfg) if looks_local(cfg["id"]) else load_hub(cfg)
+    splits, carving = make_splits(frames, cfg)
+    counts = {s: len(splits[s]) for s in SPLITS}
     for s in SPLITS:
-        with atomic_path(outputs[s]) as tmp:
-            splits[s].to_parquet(str(tmp))
-        counts[s] = len(splits[s])
+        write_parquet(outputs[s], splits[s])
+    write_json(outputs["sources"], {**record, **carving, "rows": counts})
     log.info("rows per split: %s", counts)
     return counts
 
 
 def _from_snakemake(smk) -> None:
-    run(dict(smk.params.dataset), {s: smk.output[s] for s in SPLITS})
+    run(dict(smk.params.dataset), {k: smk.output[k] for k in (*SPLITS, "sources")})
 
 
 if "snakemake" in globals():

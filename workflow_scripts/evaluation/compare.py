@@ -1,4 +1,9 @@
-"""Base vs fine-tuned: per-metric deltas with paired bootstrap 95% CIs, a table and plots."""
+"""Base vs fine-tuned: per-metric deltas with paired bootstrap 95% CIs, a table and plots.
+
+Both evaluations must have judged answers the same way (`answer_matching` in their JSON); the
+report records it and counts, per model, the answers with no number where one was expected
+(`answer_rule` == no-number-in-prediction in the predictions files).
+"""
 
 import json
 import logging
@@ -17,6 +22,7 @@ PAIRED = {
     "rougeL": "rougeL",
     "bertscore_f1": "bertscore_f1",
 }
+NO_NUMBER = "no-number-in-prediction"  # answers.judge's rule for a prediction without a number
 
 
 def paired_bootstrap_ci(base, tuned, samples: int = 2000, seed: int = 0, level: float = 0.95):
@@ -61,7 +67,24 @@ def compare(
         by_type = {
             k: {"n": n, "base": cb / n, "finetuned": ct / n} for k, (n, cb, ct) in sorted(groups.items())
         }
-    return {"n_examples": len(base_rows), "metrics": metrics, "accuracy_by_type": by_type}
+    report = {"n_examples": len(base_rows), "metrics": metrics, "accuracy_by_type": by_type}
+    if "answer_rule" in base_rows[0] and "answer_rule" in tuned_rows[0]:
+        report["unparsed_answers"] = {
+            "base": sum(r["answer_rule"] == NO_NUMBER for r in base_rows),
+            "finetuned": sum(r["answer_rule"] == NO_NUMBER for r in tuned_rows),
+        }
+    return report
+
+
+def answer_matching(base_eval: dict, tuned_eval: dict) -> dict | None:
+    """The answer matching both evaluations used; an error when they differ."""
+    base, tuned = base_eval.get("answer_matching"), tuned_eval.get("answer_matching")
+    if base and tuned and base != tuned:
+        raise StageError(
+            f"compare: base answers were judged with {base} and fine-tuned answers with {tuned}; "
+            "re-run both evaluations with the same evaluation.answer_match / answer_tolerance"
+        )
+    return base or tuned
 
 
 def to_markdown(report: dict, base_eval: dict, tuned_eval: dict) -> str:
@@ -80,6 +103,20 @@ def to_markdown(report: dict, base_eval: dict, tuned_eval: dict) -> str:
             f"| [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] |"
         )
     lines += ["", "`*`: the interval excludes zero.", ""]
+    matching = report.get("answer_matching")
+    if matching:
+        how = (
+            "rounded to the decimals the reference shows"
+            if matching["mode"] == "precision"
+            else f"within {matching['rel_tol']:g} relative"
+        )
+        lines.append(f"- answers judged by `{matching['mode']}`: numbers {how}")
+    unparsed = report.get("unparsed_answers")
+    if unparsed:
+        lines.append(
+            f"- answers with no number where one was expected: {unparsed['base']} (base), "
+            f"{unparsed['finetuned']} (fine-tuned)"
+        )
     for name in ("rouge1", "rouge2", "rougeLsum", "bertscore_precision", "bertscore_recall"):
         b, t = base_eval["metrics"].get(name), tuned_eval["metrics"].get(name)
         if b is not None and t is not None:
@@ -152,6 +189,7 @@ def run(
 ) -> dict:
     base_eval = json.loads(open(base_json).read())
     tuned_eval = json.loads(open(tuned_json).read())
+    matching = answer_matching(base_eval, tuned_eval)
     report = compare(
         read_jsonl(base_pred),
         read_jsonl(tuned_pred),
@@ -159,6 +197,7 @@ def run(
         cfg["seed"],
         cfg.get("type_column"),
     )
+    report["answer_matching"] = matching
     report["base_metrics"] = base_eval["metrics"]
     report["finetuned_metrics"] = tuned_eval["metrics"]
     plot(report, metrics_png, by_type_png)

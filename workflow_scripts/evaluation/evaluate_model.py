@@ -3,7 +3,10 @@
 The prompts are the `prompt_text` column written by format_dataset: the same chat template
 that rendered the training data, so base and fine-tuned models are asked exactly what the
 fine-tuned model was trained on. ROUGE and BERTScore compare the final answer (the text
-after ``</think>``) with the reference; answer accuracy parses and compares the answers.
+after ``</think>``) with the reference; answer accuracy parses and judges the answers
+(`evaluation.answer_match`, see workflow_scripts.evaluation.answers), and each prediction row
+records the parsed answer and reference and the rule that decided (`parsed_answer`,
+`parsed_reference`, `answer_rule`).
 """
 
 import json
@@ -15,7 +18,7 @@ import pandas as pd
 import torch
 
 from workflow_scripts.common import StageError, set_threads, snakemake_main, write_json, write_jsonl
-from workflow_scripts.evaluation.answers import final_segment
+from workflow_scripts.evaluation.answers import MODES, final_segment
 from workflow_scripts.evaluation.generate import GenerationSettings, generate
 from workflow_scripts.models.loading import device_for, load_model, load_tokenizer, resolve_dtype
 
@@ -59,6 +62,11 @@ def load_test(test_path: str, max_examples: int | None) -> pd.DataFrame:
     return frame.head(max_examples) if max_examples else frame
 
 
+def answer_matching(cfg: dict) -> dict:
+    """How numeric answers are judged: `answer_match` (default precision) and `answer_tolerance`."""
+    return {"mode": cfg.get("answer_match", "precision"), "rel_tol": cfg.get("answer_tolerance", 0.01)}
+
+
 def score(predictions: list[str], references: list[str], cfg: dict) -> tuple[dict, dict]:
     """(corpus metrics, per-example metrics)."""
     metrics, per_example = {}, {}
@@ -66,13 +74,16 @@ def score(predictions: list[str], references: list[str], cfg: dict) -> tuple[dic
     refs = [final_segment(r).strip() for r in references]
     if "answer_accuracy" in cfg["metrics"]:
         r = load_metric("answer_accuracy").compute(
-            predictions=predictions, references=references, rel_tol=cfg["answer_tolerance"]
+            predictions=predictions, references=references, **answer_matching(cfg)
         )
         metrics["answer_accuracy"] = r["answer_accuracy"]
         metrics["format_following"] = r["format_following"]
         per_example["correct"] = r["per_example"]["correct"]
         per_example["follows_format"] = r["per_example"]["follows_format"]
         per_example["extracted_answer"] = r["per_example"]["extracted"]
+        per_example["parsed_answer"] = r["per_example"]["parsed"]
+        per_example["parsed_reference"] = r["per_example"]["parsed_reference"]
+        per_example["answer_rule"] = r["per_example"]["rule"]
     if "rouge" in cfg["metrics"]:
         r = load_metric("rouge").compute(predictions=answers, references=refs)
         for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
@@ -104,6 +115,8 @@ def run(
     frame = load_test(test_path, cfg.get("max_examples"))
     if "bertscore" in cfg["metrics"]:
         bertscore_model_path(cfg["bertscore_model"])  # fail before generating, not after
+    if answer_matching(cfg)["mode"] not in MODES:
+        raise StageError(f"evaluation.answer_match must be one of {list(MODES)}, not {cfg['answer_match']!r}")
     device = device_for()
     dtype = resolve_dtype(cfg.get("dtype", "auto"))
     t0 = time.perf_counter()
@@ -124,6 +137,7 @@ def run(
         "n_examples": len(frame),
         "metrics": metrics,
         "answer_accuracy": metrics.get("answer_accuracy"),
+        "answer_matching": answer_matching(cfg) if "answer_accuracy" in cfg["metrics"] else None,
         "generation": {**settings.__dict__, "dtype": str(dtype).replace("torch.", ""), "device": device},
         "timings": {"generation_s": round(gen["seconds"], 2), "total_s": round(time.perf_counter() - t0, 2)},
     }

@@ -379,6 +379,8 @@ def launch_distributed(kwargs: dict, nproc: int, resume: Path | None, accelerate
     already prepared the checkpoints."""
     import tempfile
 
+    from workflow_scripts.common import run_logged
+
     spec = {**kwargs, "resume": str(resume) if resume else None}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=kwargs["checkpoint_dir"]) as f:
         json.dump(spec, f)
@@ -395,7 +397,7 @@ def launch_distributed(kwargs: dict, nproc: int, resume: Path | None, accelerate
     cmd += ["-m", "workflow_scripts.training.train", "--spec", f.name]
     log.info("launching %d training processes: %s", nproc, " ".join(cmd))
     try:
-        subprocess.run(cmd, check=True, stdout=sys.stdout, stderr=sys.stderr)
+        run_logged(cmd, check=True)  # the children's output reaches the log masked, like ours
     except subprocess.CalledProcessError as exc:
         raise StageError(
             f"train: distributed training failed (exit {exc.returncode}); see the log above"

@@ -10,20 +10,26 @@ class AnswerAccuracy(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
             description=(
-                "Share of predictions whose final answer matches the reference: numbers within a relative "
-                "tolerance (percent/fraction equivalent), otherwise normalised exact match."
+                "Share of predictions whose final answer matches the reference: numbers rounded to the "
+                "decimals the reference shows (mode 'precision') or within a relative tolerance (mode "
+                "'relative'), percent/fraction equivalent; yes/no by the leading yes/no; otherwise "
+                "normalised exact match. Per example: the parsed answer and the rule that decided."
             ),
             citation="snaketune",
-            inputs_description="predictions: list of str; references: list of str; rel_tol: float",
+            inputs_description=(
+                "predictions: list of str; references: list of str; mode: 'precision' or 'relative'; "
+                "rel_tol: float (relative mode)"
+            ),
             features=datasets.Features(
                 {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
             ),
         )
 
-    def _compute(self, predictions, references, rel_tol=0.01):
-        from workflow_scripts.evaluation.answers import extract_answer, follows_format, is_correct
+    def _compute(self, predictions, references, mode="precision", rel_tol=0.01):
+        from workflow_scripts.evaluation.answers import extract_answer, follows_format, judge
 
-        correct = [is_correct(p, r, rel_tol) for p, r in zip(predictions, references, strict=False)]
+        verdicts = [judge(p, r, mode, rel_tol) for p, r in zip(predictions, references, strict=False)]
+        correct = [v.correct for v in verdicts]
         fmt = [follows_format(p) for p in predictions]
         n = max(len(correct), 1)
         return {
@@ -33,7 +39,11 @@ class AnswerAccuracy(evaluate.Metric):
                 "correct": correct,
                 "follows_format": fmt,
                 "extracted": [extract_answer(p) for p in predictions],
+                "parsed": [v.predicted_value for v in verdicts],
+                "parsed_reference": [v.reference_value for v in verdicts],
+                "rule": [v.rule for v in verdicts],
             },
+            "mode": mode,
             "rel_tol": rel_tol,
             "package": workflow_scripts.__name__,
         }

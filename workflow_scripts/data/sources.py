@@ -1,0 +1,270 @@
+"""Which local files feed which split, and reading them as text exactly as written.
+
+Pure standard library (plus pandas for reading), so the Snakefile can list every data file as
+an input of `download_dataset` and refuse an unrecognised file name at load time, before any
+job runs.
+
+Split names follow the `datasets` library's own vocabulary (``datasets.data_files.SPLIT_KEYWORDS``
+and ``NON_WORDS_CHARS``; a test checks these copies still match): a file belongs to a split when
+a keyword appears in its name (or a folder name on its path) between separators -- the start or
+end of the name, ``-``, ``_``, ``.``, a space or a digit. `finqa_train.jsonl`, `test_2024.jsonl`,
+`validation_set.jsonl`, `eval.jsonl` and `dev/part-0.jsonl` are all recognised. A file that
+matches no split, or more than one, is an error: it is never silently training data.
+"""
+
+import glob
+import json
+import re
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Copied from datasets.data_files (datasets 5.x); tests/test_sources.py checks they still match.
+SPLIT_KEYWORDS = {
+    "train": ["train", "training"],
+    "validation": ["validation", "valid", "dev", "val"],
+    "test": ["test", "testing", "eval", "evaluation"],
+}
+NON_WORDS_CHARS = "-._ 0-9"
+_KEYWORD_RE = {
+    split: re.compile(
+        rf"(?:^|[{NON_WORDS_CHARS}])(?:{'|'.join(words)})(?:[{NON_WORDS_CHARS}]|$)", re.IGNORECASE
+    )
+    for split, words in SPLIT_KEYWORDS.items()
+}
+DATA_FILES_HINT = (
+    "name the files of each split explicitly, e.g.\n"
+    "  dataset:\n"
+    "    data_files: {train: 'part1_*.jsonl', validation: dev_set.jsonl, test: holdout.jsonl}"
+    "  # paths or globs, relative to the dataset.id folder"
+)
+
+
+class SourceError(ValueError):
+    """Bad dataset input; the message names the key or file at fault."""
+
+
+def looks_local(dataset_id: str) -> bool:
+    p = Path(dataset_id).expanduser()
+    return p.exists() or p.suffix.lower() in FORMATS or dataset_id.startswith((".", "/", "~"))
+
+
+def split_of(relative: str) -> str | None:
+    """The split a file's path (relative to the dataset folder) names; None if none.
+
+    Raises SourceError if it names several (``train_test.jsonl``).
+    """
+    parts = Path(relative).parts
+    found = {s for s, rx in _KEYWORD_RE.items() for part in parts if rx.search(part)}
+    if len(found) > 1:
+        raise SourceError(
+            f"dataset file {relative!r} names several splits ({', '.join(sorted(found))}); " + DATA_FILES_HINT
+        )
+    return found.pop() if found else None
+
+
+def _data_files_in(folder: Path) -> list[Path]:
+    return sorted(
+        f
+        for f in folder.rglob("*")
+        if f.is_file() and f.suffix.lower() in FORMATS and not any(p.startswith(".") for p in f.parts)
+    )
+
+
+def _expand(pattern: str, base: Path, key: str) -> list[Path]:
+    path = Path(pattern).expanduser()
+    full = path if path.is_absolute() else base / path
+    matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
+    if not matches:
+        raise SourceError(f"{key}: {pattern!r} matches no file (looked in {base})")
+    for m in matches:
+        if m.suffix.lower() not in FORMATS:
+            raise SourceError(f"{key}: {m} is not a json, jsonl, csv or parquet file")
+    return matches
+
+
+def local_split_files(cfg: dict) -> tuple[dict[str, list[str]], str]:
+    """Files per split of a local dataset, and how they were found ("file", "folder", "data_files").
+
+    A single file is the whole pool (validation/test are carved from it). Raises SourceError.
+    """
+    root = Path(cfg["id"]).expanduser()
+    data_files = cfg.get("data_files")
+    if data_files:
+        base = root if root.is_dir() else Path(".")
+        out: dict[str, list[str]] = {}
+        for split, spec in data_files.items():
+            patterns = [spec] if isinstance(spec, str) else list(spec)
+            files = [f for p in patterns for f in _expand(p, base, f"dataset.data_files.{split}")]
+            out[split] = [str(f) for f in dict.fromkeys(files)]
+        _check_disjoint(out)
+        how = "data_files"
+    elif root.is_file():
+        if root.suffix.lower() not in FORMATS:
+            raise SourceError(
+                f"dataset.id: unsupported file format {root.suffix!r} of {root} (use json, jsonl, csv or parquet)"
+            )
+        out, how = {"train": [str(root)]}, "file"
+    elif root.is_dir():
+        files = _data_files_in(root)
+        if not files:
+            raise SourceError(f"dataset.id: folder {root} holds no json, jsonl, csv or parquet file")
+        out, unmatched = {}, []
+        for f in files:
+            split = split_of(str(f.relative_to(root)))
+            if split is None:
+                unmatched.append(str(f.relative_to(root)))
+            else:
+                out.setdefault(split, []).append(str(f))
+        if unmatched:
+            raise SourceError(
+                f"dataset.id: in folder {root}, these files name no split (train/training, "
+                f"validation/valid/val/dev, test/testing/eval/evaluation): {', '.join(unmatched)}; "
+                + DATA_FILES_HINT
+            )
+        how = "folder"
+    else:
+        raise SourceError(f"dataset.id: local path {root} does not exist")
+    if "train" not in out:
+        raise SourceError(
+            f"dataset.id: {root} has no train files (found splits: {', '.join(sorted(out)) or 'none'}); "
+            + DATA_FILES_HINT
+        )
+    formats = {FORMATS[Path(f).suffix.lower()] for files in out.values() for f in files}
+    if len(formats) > 1:
+        raise SourceError(f"dataset.id: {root} mixes formats {sorted(formats)}; keep one")
+    return out, how
+
+
+def _check_disjoint(by_split: dict[str, list[str]]) -> None:
+    seen: dict[str, str] = {}
+    for split, files in by_split.items():
+        for f in files:
+            if f in seen:
+                raise SourceError(
+                    f"dataset.data_files: {f} is listed for both {seen[f]} and {split}; a file feeds one split"
+                )
+            seen[f] = split
+
+
+# --- reading: every cell as the text written in the file ---------------------------------
+
+
+class _Written(str):
+    """A JSON number kept as the text it was written as."""
+
+
+def _json_text(value) -> str:
+    """JSON of a container, with numbers exactly as written."""
+    if isinstance(value, _Written):
+        return str(value)
+    if isinstance(value, dict):
+        return (
+            "{"
+            + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {_json_text(v)}" for k, v in value.items())
+            + "}"
+        )
+    if isinstance(value, list):
+        return "[" + ", ".join(_json_text(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _as_text(value):
+    """A cell as text: scalars as written, containers as JSON, missing as None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (dict, list)):
+        return _json_text(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SourceError(
+            f"dataset file {path}: not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
+            "re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`"
+        ) from None
+
+
+def _read_json(path: Path) -> list[dict]:
+    text = _decode(path)
+    keep = {"parse_float": _Written, "parse_int": _Written}  # numbers exactly as written
+    if not text.strip():
+        raise SourceError(f"dataset file {path}: the file is empty (no rows)")
+    if path.suffix.lower() == ".json" and text.lstrip()[:1] == "[":
+        try:
+            rows = json.loads(text, **keep)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"dataset file {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        where = [f"item {i}" for i in range(len(rows))]
+    else:  # JSON lines (also a .json file holding one object per line)
+        rows, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line, **keep))
+                except json.JSONDecodeError as exc:
+                    raise SourceError(
+                        f"dataset file {path}: line {n} is not valid JSON ({exc.msg})"
+                    ) from None
+                where.append(f"line {n}")
+    for row, at in zip(rows, where, strict=True):
+        if not isinstance(row, dict):
+            raise SourceError(
+                f"dataset file {path}: {at} is a {type(row).__name__}, not an object of columns"
+            )
+    if not rows:
+        raise SourceError(f"dataset file {path}: no rows")
+    return [{k: _as_text(v) for k, v in row.items()} for row in rows]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    import io
+
+    import pandas as pd
+
+    text = _decode(path)
+    if not text.strip():
+        raise SourceError(f"dataset file {path}: the file is empty (no rows)")
+    try:
+        # every cell as text; an empty cell is missing (None), "NA"/"null" stay as written
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise SourceError(f"dataset file {path}: not a readable CSV ({exc})") from None
+    if frame.empty:
+        raise SourceError(f"dataset file {path}: a header but no rows")
+    return [{k: (None if pd.isna(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as exc:
+        raise SourceError(f"dataset file {path}: not a readable parquet file ({exc})") from None
+    if not rows:
+        raise SourceError(f"dataset file {path}: no rows")
+    return [{k: _as_text(v) for k, v in row.items()} for row in rows]
+
+
+READERS = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of one local data file, every value a string (as written) or None."""
+    path = Path(path)
+    return READERS[FORMATS[path.suffix.lower()]](path)
+
+
+def rows_as_text(records: list[dict]) -> list[dict]:
+    """Rows from another reader (a Hub dataset) with every value turned into text."""
+    return [{k: _as_text(v) for k, v in row.items()} for row in records]
