@@ -1,5 +1,6 @@
 # snaketune: LoRA fine-tuning of a language model as a Snakemake workflow.
-# `snakemake -n` shows the plan; any artifact can be built alone (`snakemake <rule>`).
+# `snakemake -n` shows the plan; any artifact can be built alone (`snakemake <path>`, or
+# `snakemake --until <rule>` for a stage and what it needs).
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -9,13 +10,18 @@ min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)  # workflow_scripts, also without `pip install -e .`
 from workflow_scripts.config import ConfigError, resolve  # noqa: E402
+from workflow_scripts.experiments import expand  # noqa: E402
 
 
 configfile: "config.yaml"
 
 
+report: "rules/report/workflow.rst"
+
+
 try:
     resolve(config, workflow.basedir, validate, user=workflow.config_settings.overwrite_config)
+    EXPERIMENT_LIST = expand(config)  # one, or one per sweep point, each validated
 except ConfigError as exc:
     raise WorkflowError(f"Invalid configuration: {exc}") from None
 
@@ -25,6 +31,7 @@ include: "rules/data.smk"
 include: "rules/model.smk"
 include: "rules/evaluate.smk"
 include: "rules/publish.smk"
+include: "rules/sweep.smk"
 
 
 rule all:

@@ -1,32 +1,94 @@
-# Paths of every artifact and helpers shared by the rules. Nothing here reads files.
-from workflow_scripts.config import check_safe_name, model_dir
+# The experiments of this invocation and the paths of every artifact (workflow_scripts/experiments.py
+# decides them). Shared artifacts are one job per distinct config (a wildcard per kind of folder);
+# an experiment's own artifacts are one job per experiment ({experiment} wildcard).
+import re
 
-EXPERIMENT = check_safe_name(config["experiment"], "experiment")  # checked again where paths are built
-RESULTS = f"results/{EXPERIMENT}"
-BASE_MODEL_DIR = model_dir(config["model"])
+EXPERIMENTS = {e.name: e for e in EXPERIMENT_LIST}
+SWEEP = config["sweep"]
+# The experiment single-experiment targets (push_to_hub, export_gguf) work on.
+PRIMARY = next(iter(EXPERIMENTS.values()))
+RESULTS = PRIMARY.root
+SHARED = "results/shared"
 ENV = "../envs/snaketune.yaml"
 
 
+def _by_folder(attr):
+    return {getattr(e, attr).rsplit("/", 1)[1]: e for e in EXPERIMENTS.values()}
+
+
+# folder name -> one experiment that needs it (all that need it agree on its config)
+DATA = _by_folder("data")
+PREPROCESSED = _by_folder("preprocessed")
+BASE_MODELS = _by_folder("base_model")
+FORMATTED = _by_folder("formatted")
+BASE_EVALS = _by_folder("base_eval")
+
+
+def _one_of(names):
+    return "|".join(re.escape(n) for n in sorted(names))
+
+
+wildcard_constraints:
+    experiment=_one_of(EXPERIMENTS),
+    data=_one_of(DATA),
+    prep=_one_of(PREPROCESSED),
+    model=_one_of(BASE_MODELS),
+    fmt=_one_of(FORMATTED),
+    base_eval=_one_of(BASE_EVALS),
+
+
+def exp(wildcards):
+    return EXPERIMENTS[wildcards.experiment]
+
+
+def setting(section, registry=None, kind=None):
+    """A params function: one config section of the experiment a job belongs to."""
+
+    def get(wildcards):
+        e = registry[getattr(wildcards, kind)] if registry else exp(wildcards)
+        return e.config[section]
+
+    return get
+
+
 def res(path):
-    """An artifact of this experiment."""
+    """An artifact of the primary experiment, for the opt-in single-experiment targets
+    (push_to_hub, export_gguf): rule-name targets cannot have wildcards."""
     return f"{RESULTS}/{path}"
 
 
-def log_of(rule_name):
+def primary_log_of(rule_name):
     return res(f"logs/{rule_name}.log")
 
 
-def bench_of(rule_name):
+def primary_bench_of(rule_name):
     return res(f"benchmarks/{rule_name}.tsv")
+
+
+def exp_path(path):
+    return f"results/{{experiment}}/{path}"
+
+
+def log_of(rule_name, wildcard="experiment"):
+    if wildcard == "experiment":
+        return exp_path(f"logs/{rule_name}.log")
+    return f"{SHARED}/logs/{rule_name}/{{{wildcard}}}.log"
+
+
+def bench_of(rule_name, wildcard="experiment"):
+    if wildcard == "experiment":
+        return exp_path(f"benchmarks/{rule_name}.tsv")
+    return f"{SHARED}/benchmarks/{rule_name}/{{{wildcard}}}.tsv"
 
 
 def local_dataset_input(wildcards):
     """Every local data file is an input: editing one re-runs the data stages."""
     from workflow_scripts.data.sources import local_split_files, looks_local
 
-    if not looks_local(config["dataset"]["id"]):
+    dataset = DATA[wildcards.data].config["dataset"]
+    if not looks_local(dataset["id"]):
         return []
-    by_split, _ = local_split_files(config["dataset"])  # checked at load: cannot fail here
+    by_split, _ = local_split_files(dataset)  # checked at load: cannot fail here
     return sorted(f for files in by_split.values() for f in files)
 
 
@@ -44,11 +106,27 @@ def resources_for(group, gpu=False):
     return out
 
 
-def training_format_params():
+def format_params(wildcards):
     """The two training keys format_dataset reads (so other training edits leave it alone)."""
-    t = config["training"]
+    t = FORMATTED[wildcards.fmt].config["training"]
     return {"max_length": t["max_length"], "overlength": t["overlength"]}
 
 
-# `all` grows as stages land.
+def eval_settings(wildcards):
+    """The evaluation section minus what only compare reads (those never re-run an evaluation)."""
+    from workflow_scripts.experiments import COMPARE_ONLY
+
+    e = BASE_EVALS[wildcards.base_eval] if hasattr(wildcards, "base_eval") else exp(wildcards)
+    return {k: v for k, v in e.config["evaluation"].items() if k not in COMPARE_ONLY}
+
+
+# The folders of an experiment's shared inputs (input functions of the experiment rules).
+def formatted_of(split):
+    return lambda w: f"{exp(w).formatted}/{split}.parquet"
+
+
+def base_model_of(wildcards):
+    return exp(wildcards).base_model
+
+
 ALL_TARGETS = []

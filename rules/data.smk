@@ -1,20 +1,21 @@
 # The data stages: download -> preprocess (messages + filters) -> format (chat template).
+# Shared: one job per distinct dataset / messages format / base model, whatever the experiments.
 
 
 rule download_dataset:
     input:
         local_dataset_input,
     output:
-        train=res("dataset/raw/train.parquet"),
-        validation=res("dataset/raw/validation.parquet"),
-        test=res("dataset/raw/test.parquet"),
-        sources=res("dataset/raw/sources.json"),
+        train=f"{SHARED}/data/{{data}}/train.parquet",
+        validation=f"{SHARED}/data/{{data}}/validation.parquet",
+        test=f"{SHARED}/data/{{data}}/test.parquet",
+        sources=f"{SHARED}/data/{{data}}/sources.json",
     params:
-        dataset=config["dataset"],
+        dataset=setting("dataset", DATA, "data"),
     log:
-        log_of("download_dataset"),
+        log_of("download_dataset", "data"),
     benchmark:
-        bench_of("download_dataset")
+        bench_of("download_dataset", "data")
     threads: 1
     resources:
         **resources_for("data"),
@@ -24,23 +25,27 @@ rule download_dataset:
         "../workflow_scripts/data/download_dataset.py"
 
 
+def raw_of(split):
+    return lambda w: f"{PREPROCESSED[w.prep].data}/{split}.parquet"
+
+
 rule preprocess_dataset:
     input:
-        train=rules.download_dataset.output.train,
-        validation=rules.download_dataset.output.validation,
-        test=rules.download_dataset.output.test,
+        train=raw_of("train"),
+        validation=raw_of("validation"),
+        test=raw_of("test"),
     output:
-        train=res("dataset/preprocessed/train.jsonl"),
-        validation=res("dataset/preprocessed/validation.jsonl"),
-        test=res("dataset/preprocessed/test.jsonl"),
-        report=res("dataset/preprocessed/report.json"),
+        train=f"{SHARED}/preprocessed/{{prep}}/train.jsonl",
+        validation=f"{SHARED}/preprocessed/{{prep}}/validation.jsonl",
+        test=f"{SHARED}/preprocessed/{{prep}}/test.jsonl",
+        report=f"{SHARED}/preprocessed/{{prep}}/report.json",
     params:
-        messages_format=config["messages_format"],
-        filters=config["filters"],
+        messages_format=setting("messages_format", PREPROCESSED, "prep"),
+        filters=setting("filters", PREPROCESSED, "prep"),
     log:
-        log_of("preprocess_dataset"),
+        log_of("preprocess_dataset", "prep"),
     benchmark:
-        bench_of("preprocess_dataset")
+        bench_of("preprocess_dataset", "prep")
     threads: 1
     resources:
         **resources_for("data"),
@@ -50,23 +55,27 @@ rule preprocess_dataset:
         "../workflow_scripts/data/preprocess_dataset.py"
 
 
+def preprocessed_of(split):
+    return lambda w: f"{FORMATTED[w.fmt].preprocessed}/{split}.jsonl"
+
+
 rule format_dataset:
     input:
-        train=rules.preprocess_dataset.output.train,
-        validation=rules.preprocess_dataset.output.validation,
-        test=rules.preprocess_dataset.output.test,
-        model_dir=BASE_MODEL_DIR,
+        train=preprocessed_of("train"),
+        validation=preprocessed_of("validation"),
+        test=preprocessed_of("test"),
+        model_dir=lambda w: FORMATTED[w.fmt].base_model,
     output:
-        train=res("dataset/formatted/train.parquet"),
-        validation=res("dataset/formatted/validation.parquet"),
-        test=res("dataset/formatted/test.parquet"),
-        stats=res("dataset/formatted/stats.json"),
+        train=f"{SHARED}/formatted/{{fmt}}/train.parquet",
+        validation=f"{SHARED}/formatted/{{fmt}}/validation.parquet",
+        test=f"{SHARED}/formatted/{{fmt}}/test.parquet",
+        stats=f"{SHARED}/formatted/{{fmt}}/stats.json",
     params:
-        format=training_format_params(),
+        format=format_params,
     log:
-        log_of("format_dataset"),
+        log_of("format_dataset", "fmt"),
     benchmark:
-        bench_of("format_dataset")
+        bench_of("format_dataset", "fmt")
     threads: 1
     resources:
         **resources_for("data"),
@@ -74,6 +83,3 @@ rule format_dataset:
         ENV
     script:
         "../workflow_scripts/data/format_dataset.py"
-
-
-

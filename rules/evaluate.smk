@@ -1,20 +1,21 @@
-# Evaluation: the base model and the deployment model answer the same formatted test prompts.
+# Evaluation: the base model (shared by every experiment with the same test prompts and settings)
+# and each experiment's deployment model answer the same formatted test prompts.
 
 
 rule eval_base:
     input:
-        model_dir=rules.prepare_base_model.output.model_dir,
-        test=rules.format_dataset.output.test,
+        model_dir=lambda w: BASE_EVALS[w.base_eval].base_model,
+        test=lambda w: f"{BASE_EVALS[w.base_eval].formatted}/test.parquet",
     output:
-        evaluation=res("evaluation/base_model_evaluation.json"),
-        predictions=res("evaluation/base_predictions.jsonl"),
+        evaluation=f"{SHARED}/eval_base/{{base_eval}}/base_model_evaluation.json",
+        predictions=f"{SHARED}/eval_base/{{base_eval}}/base_predictions.jsonl",
     params:
-        evaluation=config["evaluation"],
+        evaluation=eval_settings,
         label="base",
     log:
-        log_of("eval_base"),
+        log_of("eval_base", "base_eval"),
     benchmark:
-        bench_of("eval_base")
+        bench_of("eval_base", "base_eval")
     threads: config["resources"]["threads"]
     resources:
         **resources_for("model", gpu=True),
@@ -27,12 +28,12 @@ rule eval_base:
 rule eval_finetuned:
     input:
         model_dir=rules.merge.output.deployment_dir,
-        test=rules.format_dataset.output.test,
+        test=formatted_of("test"),
     output:
-        evaluation=res("evaluation/finetuned_model_evaluation.json"),
-        predictions=res("evaluation/finetuned_predictions.jsonl"),
+        evaluation=exp_path("evaluation/finetuned_model_evaluation.json"),
+        predictions=exp_path("evaluation/finetuned_predictions.jsonl"),
     params:
-        evaluation=config["evaluation"],
+        evaluation=eval_settings,
         label="finetuned",
     log:
         log_of("eval_finetuned"),
@@ -47,21 +48,41 @@ rule eval_finetuned:
         "../workflow_scripts/evaluation/evaluate_model.py"
 
 
+def base_eval_of(name):
+    return lambda w: f"{exp(w).base_eval}/{name}"
+
+
 rule compare:
     input:
-        base=rules.eval_base.output.evaluation,
+        base=base_eval_of("base_model_evaluation.json"),
         finetuned=rules.eval_finetuned.output.evaluation,
-        base_predictions=rules.eval_base.output.predictions,
+        base_predictions=base_eval_of("base_predictions.jsonl"),
         finetuned_predictions=rules.eval_finetuned.output.predictions,
     output:
-        comparison=res("evaluation/comparison.json"),
-        markdown=report(res("evaluation/comparison.md"), category="Evaluation", labels={"figure": "table"}),
-        metrics_plot=report(res("evaluation/metrics.png"), category="Evaluation", labels={"figure": "metrics"}),
+        comparison=exp_path("evaluation/comparison.json"),
+        markdown=report(
+            exp_path("evaluation/comparison.md"),
+            caption="report/comparison.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "table"},
+        ),
+        metrics_plot=report(
+            exp_path("evaluation/metrics.png"),
+            caption="report/metrics.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "metrics"},
+        ),
         by_type_plot=report(
-            res("evaluation/accuracy_by_type.png"), category="Evaluation", labels={"figure": "by type"}
+            exp_path("evaluation/accuracy_by_type.png"),
+            caption="report/by_type.rst",
+            category="Evaluation",
+            subcategory="{experiment}",
+            labels={"experiment": "{experiment}", "figure": "by type"},
         ),
     params:
-        evaluation=config["evaluation"],
+        evaluation=setting("evaluation"),
     log:
         log_of("compare"),
     benchmark:
@@ -75,4 +96,32 @@ rule compare:
         "../workflow_scripts/evaluation/compare.py"
 
 
-ALL_TARGETS.extend(rules.compare.output)
+rule experiment_index:
+    input:
+        comparison=rules.compare.output.comparison,
+    output:
+        index=exp_path("experiment.json"),
+    params:
+        artifacts=lambda w: exp(w).artifacts(),
+    log:
+        log_of("experiment_index"),
+    threads: 1
+    resources:
+        **resources_for("data"),
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/experiment_index.py"
+
+
+ALL_TARGETS.extend(
+    f"results/{name}/{path}"
+    for name in EXPERIMENTS
+    for path in (
+        "evaluation/comparison.json",
+        "evaluation/comparison.md",
+        "evaluation/metrics.png",
+        "evaluation/accuracy_by_type.png",
+        "experiment.json",
+    )
+)

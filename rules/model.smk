@@ -1,15 +1,15 @@
-# The model stages: prepare_base_model (shared across experiments) -> train -> merge.
+# The model stages: prepare_base_model (shared by every experiment on that model) -> train -> merge.
 
 
 rule prepare_base_model:
     output:
-        model_dir=directory(BASE_MODEL_DIR),
+        model_dir=directory("models/{model}"),
     params:
-        model=config["model"],
+        model=setting("model", BASE_MODELS, "model"),
     log:
-        f"{BASE_MODEL_DIR}.log",
+        "models/{model}.log",
     benchmark:
-        f"{BASE_MODEL_DIR}.benchmark.tsv"
+        "models/{model}.benchmark.tsv"
     threads: config["resources"]["threads"]
     resources:
         **resources_for("model"),
@@ -21,23 +21,28 @@ rule prepare_base_model:
 
 rule train:
     input:
-        train=rules.format_dataset.output.train,
-        validation=rules.format_dataset.output.validation,
-        model_dir=rules.prepare_base_model.output.model_dir,
+        train=formatted_of("train"),
+        validation=formatted_of("validation"),
+        model_dir=base_model_of,
     output:
-        adapter_dir=directory(res("model")),
-        metrics=res("training/metrics.csv"),
-        loss_plot=report(res("training/loss.png"), category="Training"),
-        run_info=res("training/run.json"),
+        adapter_dir=directory(exp_path("model")),
+        metrics=exp_path("training/metrics.csv"),
+        loss_plot=report(
+            exp_path("training/loss.png"),
+            caption="report/loss.rst",
+            category="Training",
+            subcategory="{experiment}",
+        ),
+        run_info=exp_path("training/run.json"),
     params:
-        training=config["training"],
-        peft=config["peft"],
-        wandb=config["wandb"],
-        experiment=EXPERIMENT,
+        training=setting("training"),
+        peft=setting("peft"),
+        wandb=setting("wandb"),
+        experiment=lambda w: w.experiment,
         # > 1 launches one training process per GPU (accelerate launch)
         gpus=config["resources"]["gpu"],
         # Outside the outputs: Snakemake must not delete them when a run dies (resume reads them).
-        checkpoint_dir=res("checkpoints"),
+        checkpoint_dir=lambda w: f"results/{w.experiment}/checkpoints",
     log:
         log_of("train"),
     benchmark:
@@ -53,12 +58,12 @@ rule train:
 
 rule merge:
     input:
-        model_dir=rules.prepare_base_model.output.model_dir,
+        model_dir=base_model_of,
         adapter_dir=rules.train.output.adapter_dir,
         run_info=rules.train.output.run_info,
-        test=rules.format_dataset.output.test,
+        test=formatted_of("test"),
     output:
-        deployment_dir=directory(res("deployment_model")),
+        deployment_dir=directory(exp_path("deployment_model")),
     log:
         log_of("merge"),
     benchmark:

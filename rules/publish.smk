@@ -1,20 +1,21 @@
-# Opt-in publishing; never part of `all`:  snakemake --cores 1 push_to_hub --config hub.repo_id=me/model
+# Opt-in publishing of the primary experiment (`experiment`, or a sweep's first point); never
+# part of `all`:  snakemake --cores 1 push_to_hub --config 'hub={repo_id: me/model}'
 
 
 rule push_to_hub:
     input:
-        deployment_dir=rules.merge.output.deployment_dir,
-        base=rules.eval_base.output.evaluation,
-        finetuned=rules.eval_finetuned.output.evaluation,
-        comparison=rules.compare.output.comparison,
+        deployment_dir=res("deployment_model"),
+        base=f"{PRIMARY.base_eval}/base_model_evaluation.json",
+        finetuned=res("evaluation/finetuned_model_evaluation.json"),
+        comparison=res("evaluation/comparison.json"),
     output:
         report=res("hub/push_report.json"),
     params:
         hub=config["hub"],
     log:
-        log_of("push_to_hub"),
+        primary_log_of("push_to_hub"),
     benchmark:
-        bench_of("push_to_hub")
+        primary_bench_of("push_to_hub")
     threads: 1
     resources:
         **resources_for("data"),

@@ -42,7 +42,7 @@ def test_hostile_names_are_refused_and_touch_nothing(workflow_copy, tiny_model_d
     (workflow_copy / "models" / "keep-me" / "weights").write_text("precious")
     cfg = write_config(workflow_copy / "hostile.yaml", override)
     before = tree_digest(workflow_copy)
-    proc = smk(workflow_copy, "format_dataset", "--configfile", str(cfg), check=False)
+    proc = smk(workflow_copy, "--until", "format_dataset", "--configfile", str(cfg), check=False)
     assert proc.returncode != 0
     assert key in proc.stdout + proc.stderr
     assert tree_digest(workflow_copy) == before
@@ -90,7 +90,7 @@ def test_a_commit_hash_revision_is_not_a_secret(resolved_config):
 
 def test_the_refused_token_never_reaches_snakemake_metadata(workflow_copy):
     cfg = write_config(workflow_copy / "leak.yaml", {"training": {"hub_token": HF}})
-    proc = smk(workflow_copy, "format_dataset", "--configfile", str(cfg), check=False)
+    proc = smk(workflow_copy, "--until", "format_dataset", "--configfile", str(cfg), check=False)
     assert proc.returncode != 0
     for p in workflow_copy.rglob("*"):
         if p.is_file() and not p.is_symlink() and p.name != "leak.yaml":
@@ -107,7 +107,7 @@ def test_the_base_model_folder_is_keyed_by_what_changes_it(resolved_config):
 
 def test_params_in_another_key_order_rerun_nothing(tiny_workflow):
     wf, cfg = tiny_workflow
-    smk(wf, "format_dataset", "--configfile", str(cfg))
+    smk(wf, "--until", "format_dataset", "--configfile", str(cfg))
     reordered = write_config(
         wf / "order.yaml",
         {"messages_format": {"metadata_columns": ["question_type"]}, "filters": {"drop_empty": True}},
@@ -120,8 +120,8 @@ def test_two_experiments_with_different_templates_do_not_share_a_base_model(tiny
     other = write_config(
         wf / "other.yaml", {"experiment": "other", "model": {"fallback_chat_template": "plain"}}
     )
-    smk(wf, "prepare_base_model", "--configfile", str(cfg))
-    smk(wf, "prepare_base_model", "--configfile", str(cfg), str(other))
+    smk(wf, "--until", "prepare_base_model", "--configfile", str(cfg))
+    smk(wf, "--until", "prepare_base_model", "--configfile", str(cfg), str(other))
     folders = sorted(p.name for p in (wf / "models").iterdir() if p.is_dir())
     assert len(folders) == 2 and all(f.startswith("tiny-") for f in folders)
     assert planned_rules(wf, "prepare_base_model", cfg) == set()

@@ -293,9 +293,10 @@ def test_qa_dataset_runs_through_configfile_to_the_end(qa_workflow):
     wf, cfg, _ = qa_workflow
     smk(wf, "--configfile", str(cfg))
     res = wf / "results" / "qa"
-    record = json.loads((res / "dataset" / "raw" / "sources.json").read_text())
+    index = json.loads((res / "experiment.json").read_text())
+    record = json.loads((wf / index["shared"]["dataset"] / "sources.json").read_text())
     assert record["rows"] == {"train": 90, "validation": 10, "test": 20}
-    first = json.loads((res / "dataset" / "preprocessed" / "train.jsonl").read_text().splitlines()[0])
+    first = json.loads((wf / index["shared"]["preprocessed"] / "train.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     assert json.loads((res / "evaluation" / "comparison.json").read_text())
     assert planned_rules(wf, "all", cfg) == set()
@@ -303,7 +304,7 @@ def test_qa_dataset_runs_through_configfile_to_the_end(qa_workflow):
 
 def test_editing_one_data_file_reruns_the_data_stages(qa_workflow):
     wf, cfg, folder = qa_workflow
-    smk(wf, "download_dataset", "--configfile", str(cfg))
+    smk(wf, "--until", "download_dataset", "--configfile", str(cfg))
     assert planned_rules(wf, "download_dataset", cfg) == set()
     test_file = folder / "qa_test.jsonl"
     test_file.write_text(
@@ -324,8 +325,9 @@ def test_an_unrecognised_file_fails_at_load_naming_it(qa_workflow):
 
 def test_null_from_the_command_line_reaches_the_stage_as_null(qa_workflow):
     wf, cfg, _ = qa_workflow
-    smk(wf, "preprocess_dataset", "--configfile", str(cfg), "--config", "filters={answer_regex: null}")
-    report = json.loads((wf / "results" / "qa" / "dataset" / "preprocessed" / "report.json").read_text())
+    smk(wf, "--until", "preprocess_dataset", "--configfile", str(cfg), "--config", "filters={answer_regex: null}")
+    (report_file,) = (wf / "results" / "shared" / "preprocessed").glob("*/report.json")
+    report = json.loads(report_file.read_text())
     assert "answer_regex" not in report["train"]["dropped"]
 
 

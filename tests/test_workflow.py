@@ -33,7 +33,9 @@ def smk(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
 
 
 def planned_rules(workdir: Path, target: str, *configfiles: Path) -> set[str]:
-    args = ["-n", target, "--configfile", *map(str, configfiles)]  # one flag: a repeated flag replaces
+    # a stage and what it needs: `--until <rule>` (rules with wildcards cannot be targets by name)
+    goal = [target] if target == "all" or "/" in target else ["--until", target]
+    args = ["-n", *goal, "--configfile", *map(str, configfiles)]  # one flag: a repeated flag replaces
     out = smk(workdir, *args).stdout
     if "Nothing to be done" in out:
         return set()
@@ -58,10 +60,12 @@ def test_bad_config_is_refused_before_any_job(workflow_copy, bad, key):
 
 def test_data_stages_rerun_only_what_a_change_touches(tiny_workflow):
     wf, cfg = tiny_workflow
-    smk(wf, "format_dataset", "--configfile", str(cfg))
-    results = wf / "results" / "tiny" / "dataset"
-    assert (results / "formatted" / "train.parquet").is_file()
-    assert json.loads((results / "preprocessed" / "report.json").read_text())["train"]["rows_kept"] > 0
+    smk(wf, "--until", "format_dataset", "--configfile", str(cfg))
+    shared = wf / "results" / "shared"
+    (formatted,) = (shared / "formatted").iterdir()
+    assert (formatted / "train.parquet").is_file()
+    (preprocessed,) = (shared / "preprocessed").iterdir()
+    assert json.loads((preprocessed / "report.json").read_text())["train"]["rows_kept"] > 0
     assert planned_rules(wf, "format_dataset", cfg) == set(), "a second run must be a no-op"
 
     peft_change = write_config(wf / "peft.yaml", {"peft": {"r": 4}})
@@ -95,11 +99,11 @@ def test_data_stages_rerun_only_what_a_change_touches(tiny_workflow):
 def test_bad_input_fails_with_a_clear_message_and_no_outputs(tiny_workflow, override, message):
     wf, cfg = tiny_workflow
     bad = write_config(wf / "bad.yaml", override)
-    proc = smk(wf, "preprocess_dataset", "--configfile", str(cfg), str(bad), check=False)
+    proc = smk(wf, "--until", "preprocess_dataset", "--configfile", str(cfg), str(bad), check=False)
     assert proc.returncode != 0
-    logs = "".join(p.read_text() for p in (wf / "results" / "tiny" / "logs").glob("*.log"))
+    logs = "".join(p.read_text() for p in (wf / "results").rglob("*.log"))
     assert message in logs + proc.stdout + proc.stderr  # a missing file fails at load, before any log
-    assert not list((wf / "results" / "tiny" / "dataset").glob("preprocessed/*"))
+    assert not list((wf / "results").glob("shared/preprocessed/*/*.jsonl"))
 
 
 @pytest.mark.e2e

@@ -9,6 +9,7 @@ libraries) rather than importing TRL at every launch.
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -321,10 +322,22 @@ def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None, user
     merge_section_files(config, base_dir, user)
     apply_replacements(config, user)
     apply_env_overrides(config)
+    if config.get("sweep") is None:  # null disables a sweep; the schema's defaults need a mapping
+        config.pop("sweep", None)
     check_schema(config)
     if validate is None:
         from snakemake.utils import validate
     validate(config, str(SCHEMA_FILE))  # fills the schema's defaults in place
+    config.setdefault("sweep", None)
+    check_semantics(config)
+    sort_keys({k: v for k, v in config.items() if k != "sweep"})  # a sweep's grid keeps its order
+    return config
+
+
+def revalidate(config: dict) -> dict:
+    """Check an already resolved config again after keys were changed (a sweep point without
+    its `sweep` section)."""
+    check_schema(config)
     check_semantics(config)
     sort_keys(config)
     return config
@@ -376,11 +389,16 @@ def coerce_cli_strings(value, schema: dict):
     return value
 
 
+@functools.cache
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_FILE.read_text())
+
+
 def check_schema(config: dict) -> None:
     """Validate against the schema; the error names the config key at fault."""
     import jsonschema
 
-    schema = yaml.safe_load(SCHEMA_FILE.read_text())
+    schema = load_schema()
     coerce_cli_strings(config, schema)
     validator = jsonschema.validators.validator_for(schema)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))

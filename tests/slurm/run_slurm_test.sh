@@ -66,17 +66,33 @@ dataset: {max_rows: 40}
 training: {max_steps: 4, eval_steps: 2, save_steps: 2, per_device_train_batch_size: 2}
 wandb: {mode: disabled}
 YAML
+cat > sweep.yaml <<YAML
+sweep: {name: slurm-sweep, grid: {training.learning_rate: [0.001, 0.01]}}
+YAML
 # no accounting database here: no account, and job status from squeue (sacct would hang)
-"$PY" -m snakemake merge --profile profiles/slurm --configfile tiny.yaml \
+"$PY" -m snakemake --until merge --profile profiles/slurm --configfile tiny.yaml \
   --slurm-no-account --slurm-status-command squeue 2>&1 | tee slurm_run.log
+# a 2-point sweep on the same data: its two trainings are separate sbatch jobs
+"$PY" -m snakemake --until merge --profile profiles/slurm --configfile tiny.yaml sweep.yaml \
+  --slurm-no-account --slurm-status-command squeue 2>&1 | tee slurm_sweep.log
+"$PY" - <<'PYEOF'
+import re
+log = open("slurm_sweep.log").read()
+train_jobs = re.findall(r"^rule train:\n(?:\s+\w+:.*\n)*?\s+jobid: (\d+)", log, flags=re.M)
+submitted = set(re.findall(r"Job (\d+) has been submitted with SLURM jobid", log))
+assert len(train_jobs) == 2, f"expected 2 sweep trainings, planned {train_jobs}"
+assert set(train_jobs) <= submitted, f"train jobs {train_jobs} not all submitted via sbatch ({submitted})"
+print(f"sweep: both trainings ({train_jobs}) were submitted through sbatch")
+PYEOF
+ls results/sweeps/slurm-sweep/*/deployment_model/merge_report.json
 
 test -f results/slurm/deployment_model/merge_report.json
 "$PY" -c "import json; r=json.load(open('results/slurm/deployment_model/merge_report.json')); assert r['max_logit_diff'] <= 1e-3, r"
 # Snakemake's SLURM executor logs "Job N has been submitted with SLURM jobid M" per sbatch call
-ids=$(grep -oE "submitted with SLURM jobid [0-9]+" slurm_run.log | grep -oE "[0-9]+$" | sort -un)
+ids=$(cat slurm_run.log slurm_sweep.log | grep -oE "submitted with SLURM jobid [0-9]+" | grep -oE "[0-9]+$" | sort -un)
 n=$(echo "$ids" | grep -c . || true)
 echo "jobs submitted through sbatch: $n ($(echo $ids | tr '\n' ' '))"
-[ "$n" -ge 6 ] || { echo "expected >= 6 sbatch jobs (download, preprocess, prepare, format, train, merge)"; exit 1; }
+[ "$n" -ge 10 ] || { echo "expected >= 10 sbatch jobs (download, preprocess, prepare, format, train, merge, and the sweep's 2 train + 2 merge)"; exit 1; }
 for id in $ids; do
   scontrol show job "$id" | grep -E "JobState=COMPLETED" >/dev/null || { echo "job $id not COMPLETED:"; scontrol show job "$id"; exit 1; }
 done

@@ -1,0 +1,289 @@
+"""A sweep's leaderboard: every point's test metrics with bootstrap CIs, the winner picked on validation.
+
+Set-up: read each point's training record, test predictions and (with `select_by: {metric: ...}`)
+validation evaluation. Work: the selection value of each point (validation only, never test),
+the winner, each metric's mean and 95% bootstrap CI on test, and each point's paired-bootstrap
+test delta against the winner (is the winner actually better?). Save: leaderboard.{json,md,csv},
+two plots, and best.json pointing at the winner's deployment model.
+"""
+
+import csv
+import json
+import logging
+import math
+
+import numpy as np
+
+from workflow_scripts.common import StageError, atomic_path, read_jsonl, snakemake_main, write_json
+from workflow_scripts.evaluation.compare import PAIRED, paired_bootstrap_ci
+
+log = logging.getLogger("snaketune.leaderboard")
+
+
+def selection_value(select_by, run_info: dict, validation_eval: dict | None) -> tuple[float, bool]:
+    """(value, higher_is_better) of one point; never computed from the test split."""
+    if select_by == "eval_loss":
+        value = run_info.get("final_eval_loss")
+        if value is None:
+            raise StageError(
+                f"sweep.select_by: eval_loss: point {run_info.get('experiment')} has no validation loss "
+                "(training.eval_strategy is 'no'?); select by a validation metric instead"
+            )
+        return float(value), False
+    metric = select_by["metric"]
+    if validation_eval is None or metric not in validation_eval["metrics"]:
+        raise StageError(f"sweep.select_by.metric: {metric!r} is not in the validation evaluation")
+    return float(validation_eval["metrics"][metric]), True
+
+
+def metric_table(predictions: list[dict], samples: int, seed: int) -> dict[str, dict]:
+    """Mean and bootstrap 95% CI of each per-example metric on the test prompts."""
+    out = {}
+    zeros = [0.0] * len(predictions)
+    for key, name in PAIRED.items():
+        if predictions and key in predictions[0]:
+            values = [float(r[key]) for r in predictions]
+            mean, lo, hi = paired_bootstrap_ci(zeros, values, samples, seed)
+            out[name] = {"mean": mean, "ci95": [lo, hi]}
+    return out
+
+
+def build(points: list[dict], select_by, samples: int, seed: int) -> dict:
+    """``points``: name, run_info, predictions, validation_eval (or None), comparison, deployment."""
+    if not points:
+        raise StageError("leaderboard: no points")
+    rows = []
+    higher = None
+    for p in points:
+        value, higher = selection_value(select_by, p["run_info"], p.get("validation_eval"))
+        rows.append(
+            {
+                "experiment": p["name"],
+                "selection_value": value,
+                "test": metric_table(p["predictions"], samples, seed),
+                "vs_base": {
+                    k: {"delta": v["delta"], "ci95": v["ci95"]} for k, v in p["comparison"]["metrics"].items()
+                },
+                "deployment_model": p["deployment"],
+            }
+        )
+    pick = max if higher else min
+    best = pick(range(len(rows)), key=lambda i: rows[i]["selection_value"])
+    best_preds = points[best]["predictions"]
+    prompts = [r["prompt"] for r in best_preds]
+    for i, (row, p) in enumerate(zip(rows, points, strict=True)):
+        row["selected"] = i == best
+        row["vs_selected"] = {}
+        # Paired deltas need the same test prompts (a sweep over data or evaluation settings
+        # tests points on different prompts: their metrics are shown, not paired).
+        row["paired_with_selected"] = [r["prompt"] for r in p["predictions"]] == prompts
+        if i == best or not row["paired_with_selected"]:
+            continue
+        for key, name in PAIRED.items():
+            if key in best_preds[0] and key in p["predictions"][0]:
+                delta, lo, hi = paired_bootstrap_ci(
+                    [float(r[key]) for r in best_preds],
+                    [float(r[key]) for r in p["predictions"]],
+                    samples,
+                    seed,
+                )
+                row["vs_selected"][name] = {
+                    "delta": delta,
+                    "ci95": [lo, hi],
+                    "significant": bool(lo > 0 or hi < 0),
+                }
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["selection_value"], reverse=bool(higher))
+    return {
+        "select_by": select_by,
+        "higher_is_better": bool(higher),
+        "n_test_examples": len(prompts),  # of the selected point
+        "selected": rows[best]["experiment"],
+        "points": [rows[i] for i in order],
+    }
+
+
+def _fmt_ci(entry: dict | None) -> str:
+    if not entry:
+        return "—"
+    value = entry.get("mean", entry.get("delta"))
+    lo, hi = entry["ci95"]
+    return f"{value:+.3f} [{lo:+.3f}, {hi:+.3f}]" if "delta" in entry else f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def metric_names(board: dict) -> list[str]:
+    return [name for name in PAIRED.values() if any(name in r["test"] for r in board["points"])]
+
+
+def to_markdown(board: dict, sweep_name: str) -> str:
+    sel = board["select_by"]
+    sel_text = (
+        "final validation loss (lower wins)"
+        if sel == "eval_loss"
+        else f"validation {sel['metric']} (higher wins)"
+    )
+    names = metric_names(board)
+    lines = [
+        f"# Sweep `{sweep_name}`: {len(board['points'])} points",
+        "",
+        f"Selected by **{sel_text}**; the test split is only reported, never used to choose. Test metrics on "
+        f"{board['n_test_examples']} prompts: mean [95% bootstrap CI]. *Δ vs selected*: paired-bootstrap "
+        "CI of the point's test answer accuracy minus the selected point's (a CI that contains 0 means "
+        "the test set cannot tell the two apart).",
+        "",
+        "| | point | selection | " + " | ".join(f"test {n}" for n in names) + " | Δ accuracy vs selected |",
+        "|---|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for r in board["points"]:
+        mark = "**selected**" if r["selected"] else ""
+        cells = [_fmt_ci(r["test"].get(n)) for n in names]
+        vs = "—" if r["selected"] else _fmt_ci(r["vs_selected"].get("answer_accuracy"))
+        vs = vs if r["paired_with_selected"] else "other test prompts"
+        lines.append(
+            f"| {mark} | `{r['experiment']}` | {r['selection_value']:.4f} | "
+            + " | ".join(cells)
+            + f" | {vs} |"
+        )
+    winner = next(r for r in board["points"] if r["selected"])
+    lines += ["", f"Deployment model of the selected point: `{winner['deployment_model']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(board: dict, path: str) -> None:
+    names = metric_names(board)
+    header = ["experiment", "selected", "selection_value"]
+    for n in names:
+        header += [f"test_{n}", f"test_{n}_ci_low", f"test_{n}_ci_high"]
+    header += ["accuracy_vs_selected", "accuracy_vs_selected_ci_low", "accuracy_vs_selected_ci_high"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for r in board["points"]:
+            row = [r["experiment"], r["selected"], r["selection_value"]]
+            for n in names:
+                m = r["test"].get(n)
+                row += [m["mean"], *m["ci95"]] if m else ["", "", ""]
+            v = r["vs_selected"].get("answer_accuracy")
+            row += [v["delta"], *v["ci95"]] if v else ["", "", ""]
+            w.writerow(row)
+
+
+def plot(board: dict, curves: dict[str, list[tuple[int, float]]], metrics_png: str, curves_png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = metric_names(board)
+    points = board["points"]
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 0.5 * len(points) + 2))
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, names, strict=False):
+        for y, r in enumerate(points):
+            m = r["test"].get(name)
+            if m:
+                lo, hi = m["ci95"]
+                ax.errorbar(
+                    m["mean"],
+                    y,
+                    xerr=[[m["mean"] - lo], [hi - m["mean"]]],
+                    fmt="o",
+                    capsize=3,
+                    color="tab:red" if r["selected"] else "tab:blue",
+                )
+        ax.set_yticks(range(len(points)), [r["experiment"].rsplit("/", 1)[-1] for r in points], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"test {name}")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(metrics_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, curve in curves.items():
+        if curve:
+            steps, losses = zip(*curve, strict=True)
+            selected = name == board["selected"]
+            ax.plot(
+                steps,
+                losses,
+                marker="o",
+                lw=2.5 if selected else 1,
+                label=name.rsplit("/", 1)[-1] + (" (selected)" if selected else ""),
+            )
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(curves_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def eval_curve(metrics_csv: str) -> list[tuple[int, float]]:
+    with open(metrics_csv) as f:
+        rows = list(csv.DictReader(f))
+    return [
+        (int(r["step"]), float(r["eval_loss"]))
+        for r in rows
+        if r.get("eval_loss") not in (None, "", "nan") and not math.isnan(float(r["eval_loss"]))
+    ]
+
+
+def run(points: dict[str, dict[str, str]], outputs: dict[str, str], sweep: dict, evaluation: dict) -> dict:
+    """``points``: experiment name -> its files (run_info, metrics, predictions, comparison,
+    deployment, and validation_eval when selecting by a validation metric)."""
+    loaded = []
+    for name, files in points.items():
+        loaded.append(
+            {
+                "name": name,
+                "run_info": json.loads(open(files["run_info"]).read()),
+                "predictions": read_jsonl(files["predictions"]),
+                "comparison": json.loads(open(files["comparison"]).read()),
+                "validation_eval": json.loads(open(files["validation_eval"]).read())
+                if files.get("validation_eval")
+                else None,
+                "deployment": files["deployment"],
+            }
+        )
+    board = build(loaded, sweep["select_by"], evaluation["bootstrap_samples"], evaluation["seed"])
+    curves = {name: eval_curve(files["metrics"]) for name, files in points.items()}
+    write_json(outputs["json"], board)
+    with atomic_path(outputs["markdown"]) as tmp:
+        tmp.write_text(to_markdown(board, sweep["name"]))
+    write_csv(board, outputs["csv"])
+    plot(board, curves, outputs["metrics_plot"], outputs["curves_plot"])
+    winner = next(r for r in board["points"] if r["selected"])
+    write_json(
+        outputs["best"],
+        {
+            "experiment": winner["experiment"],
+            "deployment_model": winner["deployment_model"],
+            "select_by": board["select_by"],
+            "selection_value": winner["selection_value"],
+        },
+    )
+    log.info("selected %s (%s = %.4f)", winner["experiment"], board["select_by"], winner["selection_value"])
+    return board
+
+
+def _from_snakemake(smk) -> None:
+    names = list(smk.params.points)
+    files = {}
+    for i, name in enumerate(names):
+        files[name] = {
+            "run_info": smk.input.run_info[i],
+            "metrics": smk.input.metrics[i],
+            "predictions": smk.input.predictions[i],
+            "comparison": smk.input.comparison[i],
+            "deployment": smk.input.deployment[i],
+            "validation_eval": smk.input.validation_eval[i] if smk.input.validation_eval else None,
+        }
+    outputs = {k: smk.output[k] for k in ("json", "markdown", "csv", "metrics_plot", "curves_plot", "best")}
+    run(files, outputs, dict(smk.params.sweep), dict(smk.params.evaluation))
+
+
+if "snakemake" in globals():
+    snakemake_main(snakemake, _from_snakemake)

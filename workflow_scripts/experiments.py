@@ -1,0 +1,208 @@
+"""Experiments and where their artifacts live: one module for every path of the workflow.
+
+An experiment is one resolved config. Without a `sweep` section there is one (named by
+`experiment`); with one, every point of the grid (plus the explicit `points`) is an experiment
+named from the keys it varies, resolved and validated with the full schema at load time.
+
+Every shared artifact's folder is named by a short hash of exactly the config it depends on,
+so experiments that agree on it share one job, and experiments that differ never overwrite each
+other:
+
+    results/shared/data/{dataset}-{key}/            download_dataset  (dataset section)
+    results/shared/preprocessed/{dataset}-{key}/    preprocess_dataset (+ messages_format, filters)
+    models/{model}-{key}/                           prepare_base_model (model id, revision, template)
+    results/shared/formatted/{dataset}-{model}-{key}/  format_dataset (+ base model, max_length, overlength)
+    results/shared/eval_base/{dataset}-{model}-{key}/  eval_base (+ evaluation settings)
+    results/{experiment}/                           train, merge, eval_finetuned, compare (+ experiment.json)
+    results/sweeps/{sweep}/                         leaderboard, best.json
+
+Pure Python (no Snakemake, no torch): the Snakefile calls it at load time, tests call it directly.
+"""
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from workflow_scripts.config import ConfigError, check_safe_name, model_dir, model_name, revalidate
+
+# Sections a sweep may vary (the rest describe where and how jobs run, not the experiment).
+SWEEPABLE = ("training", "peft", "model", "messages_format", "filters", "evaluation", "dataset")
+# evaluation keys only `compare` reads: changing them must not re-run the base evaluation.
+COMPARE_ONLY = ("bootstrap_samples", "type_column")
+
+
+def content_key(*parts) -> str:
+    """8 hex digits of the sha256 of the parts' canonical JSON."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
+    return s or "x"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: its name (a path under results/), its resolved config and artifact folders."""
+
+    name: str
+    config: dict
+    data: str
+    preprocessed: str
+    base_model: str
+    formatted: str
+    base_eval: str
+
+    @property
+    def root(self) -> str:
+        return f"results/{self.name}"
+
+    def artifacts(self) -> dict:
+        """Where everything of this experiment is (written to results/{experiment}/experiment.json)."""
+        return {
+            "experiment": self.name,
+            "shared": {
+                "dataset": self.data,
+                "preprocessed": self.preprocessed,
+                "base_model": self.base_model,
+                "formatted": self.formatted,
+                "base_evaluation": self.base_eval,
+            },
+            "own": {
+                "adapter": f"{self.root}/model",
+                "training": f"{self.root}/training",
+                "deployment_model": f"{self.root}/deployment_model",
+                "evaluation": f"{self.root}/evaluation",
+                "logs": f"{self.root}/logs",
+            },
+            "config": self.config,
+        }
+
+
+def layout(name: str, config: dict) -> Experiment:
+    ds, mf, flt, ev = config["dataset"], config["messages_format"], config["filters"], config["evaluation"]
+    data_name = slug(Path(ds["id"]).stem if Path(ds["id"]).suffix else Path(ds["id"]).name or ds["id"])
+    base_model = model_dir(config["model"])
+    data_key = content_key(ds)
+    prep_key = content_key(data_key, mf, flt)
+    fmt = {k: config["training"][k] for k in ("max_length", "overlength")}
+    fmt_key = content_key(prep_key, base_model, fmt)
+    eval_key = content_key(fmt_key, {k: v for k, v in ev.items() if k not in COMPARE_ONLY})
+    model = model_name(config["model"])
+    return Experiment(
+        name=name,
+        config=config,
+        data=f"results/shared/data/{data_name}-{data_key}",
+        preprocessed=f"results/shared/preprocessed/{data_name}-{prep_key}",
+        base_model=base_model,
+        formatted=f"results/shared/formatted/{data_name}-{model}-{fmt_key}",
+        base_eval=f"results/shared/eval_base/{data_name}-{model}-{eval_key}",
+    )
+
+
+# --- sweeps ------------------------------------------------------------------------------------
+
+
+def _set_dotted(config: dict, dotted: str, value, where: str) -> None:
+    parts = dotted.split(".")
+    if parts[0] not in SWEEPABLE or len(parts) < 2:
+        raise ConfigError(f"{where}: {dotted!r} is not a key of {', '.join(SWEEPABLE)} (write section.key)")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is not a mapping, cannot set {dotted}")
+        node = nxt
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _value_text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return str(value)
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """The last part of each dotted key, or more parts where the last one is ambiguous."""
+    names = {}
+    for k in keys:
+        parts = k.split(".")
+        for n in range(1, len(parts) + 1):
+            short = "_".join(parts[-n:])
+            if sum(1 for other in keys if "_".join(other.split(".")[-n:]) == short) == 1:
+                break
+        names[k] = short
+    return names
+
+
+def point_overrides(sweep: dict) -> list[dict]:
+    """The grid's Cartesian product (in the order written), then the explicit points."""
+    grid = sweep.get("grid") or {}
+    combos = (
+        [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())] if grid else []
+    )
+    return combos + [dict(p) for p in sweep.get("points") or []]
+
+
+def point_names(overrides: list[dict]) -> list[str]:
+    """Readable, unique, path- and job-name-safe names from the keys each point varies.
+
+    Built with snakemake.utils.Paramspace (`key~value` joined by `_`), over the keys whose
+    values differ between points; a point that leaves a key at the base value shows `base`.
+    """
+    import pandas as pd
+    from snakemake.utils import Paramspace
+
+    keys = list(dict.fromkeys(k for o in overrides for k in o))
+    varied = [k for k in keys if len({_value_text(o.get(k, "\0base")) for o in overrides}) > 1] or keys
+    short = _short_names(varied)
+    table = pd.DataFrame(
+        [{short[k]: slug(_value_text(o[k])) if k in o else "base" for k in varied} for o in overrides],
+        columns=[short[k] for k in varied],
+    )
+    names = list(Paramspace(table, filename_params="*").instance_patterns) if varied else ["base"]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            raise ConfigError(
+                f"sweep: points {seen[n]} and {i} get the same name {n!r} (their values differ only in "
+                "characters a folder name cannot hold); make the values distinct"
+            )
+        seen[n] = i
+    return names
+
+
+def expand(config: dict) -> list[Experiment]:
+    """The experiments of a resolved config: one, or one per sweep point (each validated)."""
+    sweep = config.get("sweep")
+    if not sweep:
+        name = check_safe_name(config["experiment"], "experiment")
+        return [layout(name, config)]
+    sweep_name = check_safe_name(sweep["name"], "sweep.name")
+    overrides = point_overrides(sweep)
+    if not overrides:
+        raise ConfigError("sweep: neither `grid` nor `points` gives a point")
+    names = point_names(overrides)
+    base = copy.deepcopy(config)
+    base.pop("sweep")
+    experiments = []
+    for i, (name, values) in enumerate(zip(names, overrides, strict=True)):
+        where = f"sweep point {i} ({name})"
+        point = copy.deepcopy(base)
+        for dotted, value in values.items():
+            _set_dotted(point, dotted, value, where)
+        try:
+            revalidate(point)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        experiments.append(layout(f"sweeps/{sweep_name}/{name}", point))
+    return experiments
