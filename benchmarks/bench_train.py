@@ -13,10 +13,19 @@ weight except the input embedding; the tied LM head counted once): 2N FLOPs forw
 backward through frozen weights per token (LoRA's own FLOPs and attention are ignored).
 
 Needs `snakemake --cores 2 format_dataset`. Usage: python benchmarks/bench_train.py [--steps 20]
+
+On a GPU: `--device cuda --model-config smollm2-135m` (or gemma3-270m) trains a randomly
+initialised model of that real shape (benchmarks/configs/, see benchmarks/synthetic.py) on the
+sample formatted through the workflow's own data stages, so neither the embedded model nor
+`format_dataset` is needed. With CUDA a third side runs, `liger`: snaketune's trainer with TRL's
+`use_liger_kernel=True` (Liger's Triton RMSNorm/RoPE/SwiGLU kernels; TRL's chunked LM head)
+instead of labels-only logits, and a fourth, `snaketune, + liger kernels` (both). `--json`
+writes the summary for tests/gpu/run_gpu_checks.sh.
 """
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -27,9 +36,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def matmul_peak(dtype_name: str, threads: int) -> float:
+def matmul_peak(dtype_name: str, threads: int, device: str = "cpu") -> float:
     import torch
 
+    if device == "cuda":  # 8192^3 products, the size the device notes quote (~800 TFLOP/s bf16 on H100)
+        dtype = getattr(torch, dtype_name)
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
+        return 2 * 8192**3 * 10 / (time.perf_counter() - t)
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
@@ -42,9 +63,12 @@ def matmul_peak(dtype_name: str, threads: int) -> float:
     return 2 * 1024**3 * n / (time.perf_counter() - t)
 
 
-def step_timer(counter):
+def step_timer(counter, device: str = "cpu"):
     """Callback: time and real tokens of each optimizer step (tokens from the collator's counter)."""
+    import torch
     from transformers import TrainerCallback
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -54,9 +78,11 @@ def step_timer(counter):
 
         def on_step_begin(self, args, state, control, **kw):
             if self.t is None:
+                sync()
                 self.t, self.tokens = time.perf_counter(), counter()
 
         def on_step_end(self, args, state, control, **kw):
+            sync()
             now, tok = time.perf_counter(), counter()
             self.steps.append([now - self.t, tok - self.tokens, None])
             self.t, self.tokens = now, tok
@@ -74,16 +100,40 @@ ABLATIONS = {
     "packing on": {"fast_path": {"packing": True}},
     "gradient checkpointing on": {"gradient_checkpointing": True},
 }
+# The Liger sides (CUDA only: Liger's kernels are Triton). TRL 1.16 applies Liger's layer kernels
+# only (RMSNorm, RoPE, SwiGLU/GeGLU) and computes its loss with its own chunked LM head; snaketune's
+# labels-only loss calls the decoder and head itself, so the two combine.
+LIGER = "liger"  # TRL's use_liger_kernel instead of labels-only logits
+LIGER_SIDES = {
+    LIGER: ("snaketune", {"use_liger_kernel": True, "fast_path": {"labels_only_logits": False}}),
+    "snaketune, + liger kernels": ("snaketune", {"use_liger_kernel": True}),
+}
+LIGER_ABLATIONS = {"trl + liger kernels": ("trl", {"use_liger_kernel": True})}
 
 
-def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict | None = None) -> dict:
+def run_side(
+    side: str,
+    cfg_path: str,
+    steps: int,
+    threads: int,
+    override: dict | None = None,
+    device: str = "cpu",
+    base_dir: str | None = None,
+    fmt_dir: str | None = None,
+    batch_size: int | None = None,
+) -> dict:
     import pandas as pd
     import torch
 
     from workflow_scripts.config import load_and_resolve, model_dir
+    from workflow_scripts.experiments import expand
     from workflow_scripts.training.train import bf16_is_fast, build_trainer
 
     torch.set_num_threads(threads)
+    override = dict(override or {})
+    liger = bool(override.get("use_liger_kernel"))
+    if side == "trl":
+        override.pop("use_liger_kernel", None)
     cfg = load_and_resolve(cfg_path)
     training = {
         **cfg["training"],
@@ -94,13 +144,15 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
         "report_to": ["none"],
         "warmup_steps": 0,
     }
-    for key, value in (override or {}).items():
+    if batch_size:
+        training["per_device_train_batch_size"] = batch_size
+    for key, value in override.items():
         training[key] = {**training.get(key, {}), **value} if isinstance(value, dict) else value
-    base_dir = str(REPO / model_dir(cfg["model"]))
-    fmt = REPO / "results" / cfg["experiment"] / "dataset" / "formatted"
+    base_dir = base_dir or str(REPO / model_dir(cfg["model"]))
+    fmt = Path(fmt_dir) if fmt_dir else REPO / expand(cfg)[0].formatted
     n_examples = steps * training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
     frame = pd.read_parquet(fmt / "train.parquet").head(n_examples)
-    subset = Path("/tmp") / f"bench_train_{n_examples}.parquet"
+    subset = Path("/tmp") / f"bench_train_{Path(base_dir).name}_{n_examples}.parquet"
     frame.to_parquet(subset)
     torch.manual_seed(0)
     if side == "snaketune":
@@ -112,9 +164,10 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
             cfg["peft"],
             Path("/tmp/bench_ckpt_c"),
             ["none"],
-            "cpu",
+            device,
         )
-        timer = step_timer(lambda: collator.real_tokens)
+        timer = step_timer(lambda: collator.real_tokens, device)
+        info["use_liger_kernel"] = bool(trainer.args.use_liger_kernel)
     else:
         from datasets import Dataset
         from peft import LoraConfig
@@ -128,7 +181,7 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
             msgs = json.loads(messages)
             rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
         tok = AutoTokenizer.from_pretrained(base_dir)
-        bf16 = bf16_is_fast("cpu")  # TRL's default is bf16=True; kept only where bf16 is fast here
+        bf16 = bf16_is_fast(device)  # TRL's default is bf16=True; kept only where bf16 is fast here
         args = SFTConfig(
             output_dir="/tmp/bench_ckpt_b",
             max_steps=steps,
@@ -140,9 +193,10 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
             logging_steps=1,
             save_strategy="no",
             report_to=["none"],
-            use_cpu=True,
+            use_cpu=device == "cpu",
             bf16=bf16,
             seed=training["seed"],
+            **({"use_liger_kernel": True} if liger else {}),
         )
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         trainer = SFTTrainer(
@@ -165,8 +219,10 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
             return batch
 
         trainer.data_collator = counting
-        timer = step_timer(lambda: seen["n"])
+        timer = step_timer(lambda: seen["n"], device)
         info = {"bf16_autocast": bf16, "gradient_checkpointing": args.gradient_checkpointing}
+        if liger:
+            info["use_liger_kernel"] = True
     trainer.add_callback(timer)
     trainer.train()
     model = trainer.model
@@ -176,12 +232,15 @@ def run_side(side: str, cfg_path: str, steps: int, threads: int, override: dict 
     tied = getattr(model.get_base_model().config, "tie_word_embeddings", False)
     if tied:
         n_path += model.get_base_model().get_output_embeddings().weight.numel()
-    return {
+    result = {
         "steps": timer.steps,
         "info": info,
         "params_on_path": n_path,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    if device == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
 
 
 def main() -> None:
@@ -195,29 +254,93 @@ def main() -> None:
         action="store_true",
         help="also run snaketune with each speed-up switched off, one at a time",
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--model-config",
+        help="a randomly initialised model of this shape instead of the embedded model: "
+        "smollm2-135m, gemma3-270m (benchmarks/configs/) or a config.json path",
+    )
+    parser.add_argument("--batch-size", type=int, help="per-device batch size (default: the config's)")
+    parser.add_argument(
+        "--liger",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the Liger sides (default: with --device cuda)",
+    )
+    parser.add_argument("--json", help="write the summary to this JSON file")
     parser.add_argument("--side", choices=["trl", "snaketune"], help=argparse.SUPPRESS)
     parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--base-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--fmt-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     total = args.steps + args.warmup
     if args.side:
-        result = run_side(args.side, args.config, total, args.threads, json.loads(args.override))
+        result = run_side(
+            args.side,
+            args.config,
+            total,
+            args.threads,
+            json.loads(args.override),
+            args.device,
+            args.base_dir,
+            args.fmt_dir,
+            args.batch_size,
+        )
         Path(args.out).write_text(json.dumps(result))
         return
-    peaks = {d: matmul_peak(d, args.threads) for d in ("float32", "bfloat16")}
+    cuda = args.device == "cuda"
+    liger = cuda if args.liger is None else args.liger
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device")
+    base_dir = fmt_dir = None
+    if args.model_config:
+        import synthetic
+
+        from workflow_scripts.config import load_and_resolve
+
+        base, fmt = synthetic.prepare(args.model_config, load_and_resolve(args.config), args.device)
+        base_dir, fmt_dir = str(base), str(fmt)
+        print(
+            f"model: {json.loads((base / 'manifest.json').read_text())['model_id']} (random weights), {base}"
+        )
+    peaks = {d: matmul_peak(d, args.threads, args.device) for d in ("float32", "bfloat16")}
+    where = f" ({torch.cuda.get_device_name()})" if cuda else ""
     print(
-        f"matmul peak here: fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s"
+        f"matmul peak here{where}: fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s"
     )
     runs = {"trl": ("trl", {}), "snaketune": ("snaketune", {})}
+    if liger:
+        runs.update(LIGER_SIDES)
     if args.ablations:
         runs.update({f"snaketune, {name}": ("snaketune", ov) for name, ov in ABLATIONS.items()})
-    results = {}
-    for label, (side, override) in runs.items():
-        out = Path("/tmp") / f"bench_train_{len(results)}.json"
+        if liger:
+            runs.update(LIGER_ABLATIONS)
+    results, failed = {}, {}
+    for i, (label, (side, override)) in enumerate(runs.items()):
+        out = Path("/tmp") / f"bench_train_{i}.json"
         cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--config", args.config]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        cmd += ["--override", json.dumps(override)]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd += ["--override", json.dumps(override), "--device", args.device]
+        if base_dir:
+            cmd += ["--base-dir", base_dir, "--fmt-dir", fmt_dir]
+        if args.batch_size:
+            cmd += ["--batch-size", str(args.batch_size)]
+        out.unlink(missing_ok=True)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            # Reported, not fatal: the other sides still give their numbers (trl and snaketune are needed).
+            tail = [ln for ln in proc.stderr.splitlines() if ln.strip()][-12:]
+            print(f"{label}: FAILED (exit {proc.returncode}); last lines of its output:", file=sys.stderr)
+            print("\n".join(f"  | {ln}" for ln in tail), file=sys.stderr)
+            errors = [ln for ln in tail if re.search(r"(Error|Exception)\b", ln)]
+            failed[label] = (errors or tail or [f"exit {proc.returncode}"])[-1].strip()
+            if label in ("trl", "snaketune"):
+                sys.exit(1)
+            continue
         results[label] = json.loads(out.read_text())
     summary = {}
     for side, r in results.items():
@@ -233,8 +356,12 @@ def main() -> None:
         )
         mfu = 4 * r["params_on_path"] * tps / peak
         summary[side] = {"tps": tps, "loss": sum(losses) / len(losses), "rss": r["peak_rss_mb"], "mfu": mfu}
+        memory = f"peak RSS {r['peak_rss_mb']:7.0f} MB"
+        if cuda:
+            summary[side]["peak_gpu_mb"] = r["peak_gpu_mb"]
+            memory = f"peak GPU {r['peak_gpu_mb']:7.0f} MB"
         print(
-            f"{side:42s} {tps:8.1f} real tok/s  {toks:6d} tokens in {secs:6.1f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+            f"{side:42s} {tps:8.1f} real tok/s  {toks:6d} tokens in {secs:6.1f} s  {memory}  "
             f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  ({r['info']})"
         )
     for label in summary:
@@ -246,6 +373,48 @@ def main() -> None:
     print(
         f"speedup: {b['tps'] / a['tps']:.2f} (trl {a['tps']:.1f} tok/s, snaketune {b['tps']:.1f} tok/s) loss: {a['loss']:.4f} vs {b['loss']:.4f}"
     )
+    decision = None
+    if liger and LIGER in summary:
+        c = summary[LIGER]
+        candidates = {
+            k: summary[k]["tps"] for k in ("snaketune", LIGER, "snaketune, + liger kernels") if k in summary
+        }
+        best = max(candidates, key=candidates.get)
+        decision = {
+            "labels_only_vs_liger": b["tps"] / c["tps"],
+            "fastest": best,
+            "setting": {
+                "snaketune": "fast_path.labels_only_logits: true (the default)",
+                LIGER: "use_liger_kernel: true, fast_path.labels_only_logits: false",
+                "snaketune, + liger kernels": "use_liger_kernel: true, fast_path.labels_only_logits: true",
+            }[best],
+        }
+        print(
+            f"labels-only vs liger: {decision['labels_only_vs_liger']:.2f} (labels-only {b['tps']:.1f} tok/s, "
+            f"liger {c['tps']:.1f} tok/s) fastest: {best} -> {decision['setting']}"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": args.device,
+                    "gpu": torch.cuda.get_device_name() if cuda else None,
+                    "model": args.model_config or "embedded",
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "batch_size": args.batch_size,
+                    "matmul_peak_flops": peaks,
+                    "sides": {k: {**v, "info": results[k]["info"]} for k, v in summary.items()},
+                    "speedup_vs_trl": b["tps"] / a["tps"],
+                    "liger": decision,
+                    "failed": failed,
+                },
+                indent=1,
+                default=str,
+            )
+        )
+    if failed:
+        sys.exit(f"failed sides: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -120,9 +120,26 @@ def eval_settings(wildcards):
     return {k: v for k, v in e.config["evaluation"].items() if k not in COMPARE_ONLY}
 
 
-# The folders of an experiment's shared inputs (input functions of the experiment rules).
+# Input functions: the upstream folder of a job, looked up from the experiment it belongs to.
+def raw_of(split):
+    return lambda w: f"{PREPROCESSED[w.prep].data}/{split}.parquet"
+
+
+def preprocessed_of(split):
+    return lambda w: f"{FORMATTED[w.fmt].preprocessed}/{split}.jsonl"
+
+
 def formatted_of(split):
     return lambda w: f"{exp(w).formatted}/{split}.parquet"
+
+
+def base_eval_of(name):
+    return lambda w: f"{exp(w).base_eval}/{name}"
+
+
+def per_point(path):
+    """One path per experiment (the sweep's points), for the leaderboard."""
+    return [f"results/{name}/{path}" for name in EXPERIMENTS]
 
 
 def base_model_of(wildcards):

@@ -25,10 +25,6 @@ rule download_dataset:
         "../workflow_scripts/data/download_dataset.py"
 
 
-def raw_of(split):
-    return lambda w: f"{PREPROCESSED[w.prep].data}/{split}.parquet"
-
-
 rule preprocess_dataset:
     input:
         train=raw_of("train"),
@@ -53,10 +49,6 @@ rule preprocess_dataset:
         ENV
     script:
         "../workflow_scripts/data/preprocess_dataset.py"
-
-
-def preprocessed_of(split):
-    return lambda w: f"{FORMATTED[w.fmt].preprocessed}/{split}.jsonl"
 
 
 rule format_dataset:

@@ -48,10 +48,6 @@ rule eval_finetuned:
         "../workflow_scripts/evaluation/evaluate_model.py"
 
 
-def base_eval_of(name):
-    return lambda w: f"{exp(w).base_eval}/{name}"
-
-
 rule compare:
     input:
         base=base_eval_of("base_model_evaluation.json"),

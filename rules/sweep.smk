@@ -46,9 +46,6 @@ if SWEEP:
     POINTS = list(EXPERIMENTS)
     BY_METRIC = SWEEP["select_by"] != "eval_loss"
 
-    def per_point(path):
-        return [f"results/{name}/{path}" for name in POINTS]
-
     rule leaderboard:
         input:
             run_info=per_point("training/run.json"),

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny tokenizer and tiny randomly initialised models, built in code."""
 
+import copy
 import json
 import os
 import shutil
@@ -47,10 +48,10 @@ def train_bpe_tokenizer(specials: list[str], **tokens):
 
 def build_tokenizer():
     """The tiny test tokenizer with ChatML."""
-    from workflow_scripts.models.loading import FALLBACK_TEMPLATES
+    from workflow_scripts.models.families import TEMPLATES
 
     fast = train_bpe_tokenizer(SPECIAL, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None)
-    fast.chat_template = FALLBACK_TEMPLATES["chatml"]
+    fast.chat_template = TEMPLATES["chatml"].jinja
     return fast
 
 
@@ -106,6 +107,61 @@ def sample_jsonl(tmp_path) -> Path:
     return path
 
 
+def with_defaults(section: str, values: dict | None = None) -> dict:
+    """One config section as the stages receive it: ``values`` with the schema's defaults filled in."""
+    from snakemake.utils import validate
+
+    from workflow_scripts.config import SCHEMA_FILE
+
+    config = {section: copy.deepcopy(values or {})}
+    validate(config, str(SCHEMA_FILE))
+    return config[section]
+
+
+def train_job(out: Path, formatted: dict, model_dir, training: dict, peft: dict):
+    """The train rule's Job, writing under ``out``, its config sections completed with the
+    schema's defaults."""
+    from workflow_scripts.common import Job
+
+    return Job(
+        input={
+            "train": formatted["train"],
+            "validation": formatted["validation"],
+            "model_dir": str(model_dir),
+        },
+        output={
+            "adapter_dir": str(out / "model"),
+            "metrics": str(out / "training" / "metrics.csv"),
+            "loss_plot": str(out / "training" / "loss.png"),
+            "run_info": str(out / "training" / "run.json"),
+        },
+        params={
+            "training": with_defaults("training", training),
+            "peft": with_defaults("peft", peft),
+            "wandb": with_defaults("wandb", {"mode": "disabled"}),
+            "experiment": "test",
+            "gpus": 0,
+            "checkpoint_dir": str(out / "checkpoints"),
+        },
+        threads=1,
+    )
+
+
+def merge_job(model_dir, trained, test: str, deployment_dir: Path):
+    """The merge rule's Job for the adapter ``trained`` wrote."""
+    from workflow_scripts.common import Job
+
+    return Job(
+        input={
+            "model_dir": str(model_dir),
+            "adapter_dir": trained.output.adapter_dir,
+            "run_info": trained.output.run_info,
+            "test": test,
+        },
+        output={"deployment_dir": str(deployment_dir)},
+    )
+
+
 @pytest.fixture
 def resolved_config():
     """The default config, resolved (what the Snakefile sees)."""
@@ -132,7 +188,8 @@ def workflow_copy(tmp_path):
 
 
 def write_formatted(tmp_path: Path, formatter, tok, n_train: int = 24, n_eval: int = 8) -> dict[str, str]:
-    """Formatted train/validation/test parquet files of sample rows, as format_dataset writes them."""
+    """Formatted train/validation/test parquet files of sample rows, as format_dataset writes them
+    (``formatter``: a model's ChatFormatter, from load_chat_formatter)."""
     import pandas as pd
 
     from workflow_scripts.data.format_dataset import format_test_split, format_train_split

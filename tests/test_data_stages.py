@@ -4,11 +4,33 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import with_defaults
 
-from workflow_scripts.common import StageError
+from workflow_scripts.common import Job, StageError
 from workflow_scripts.data import download_dataset, format_dataset, preprocess_dataset
 
 SPLITS = ("train", "validation", "test")
+
+
+def download(dataset: dict, out: dict) -> dict:
+    """The download_dataset rule's job: ``out`` holds a path per split and ``sources``."""
+    return download_dataset.run(Job(output=out, params={"dataset": dataset}))
+
+
+def preprocess(raw: dict, out: dict, report: str, mf: dict, filters: dict) -> dict:
+    job = Job(
+        input=raw,
+        output={**out, "report": report},
+        params={"messages_format": mf, "filters": with_defaults("filters", filters)},
+    )
+    return preprocess_dataset.run(job)
+
+
+def format_splits(preprocessed: dict, model_dir: str, out: dict, stats: str, fmt: dict) -> dict:
+    job = Job(
+        input={**preprocessed, "model_dir": model_dir}, output={**out, "stats": stats}, params={"format": fmt}
+    )
+    return format_dataset.run(job)
 
 
 def dataset_cfg(path, **kw):
@@ -27,7 +49,7 @@ def outputs(tmp_path, kind="raw", ext="parquet"):
 
 
 def test_download_splits_a_single_file_by_ratio(sample_jsonl, tmp_path):
-    counts = download_dataset.run(dataset_cfg(sample_jsonl), outputs(tmp_path))
+    counts = download(dataset_cfg(sample_jsonl), outputs(tmp_path))
     assert counts == {"train": 96, "validation": 12, "test": 12}
     frames = {s: pd.read_parquet(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS}
     prompts = [set(f["Open-ended Verifiable Question"]) for f in frames.values()]
@@ -40,7 +62,7 @@ def test_download_keeps_existing_splits_and_caps_rows(sample_jsonl, tmp_path):
     rows = [json.loads(line) for line in sample_jsonl.read_text().splitlines()]
     pd.DataFrame(rows[:100]).to_csv(folder / "train.csv", index=False)
     pd.DataFrame(rows[100:]).to_csv(folder / "test.csv", index=False)
-    counts = download_dataset.run(dataset_cfg(folder, max_rows=50), outputs(tmp_path))
+    counts = download(dataset_cfg(folder, max_rows=50), outputs(tmp_path))
     assert counts["test"] == 20  # kept as given, below the cap
     assert counts["train"] == 50 and counts["validation"] == 11  # carved from train (100 * 0.1 / 0.9)
 
@@ -48,23 +70,23 @@ def test_download_keeps_existing_splits_and_caps_rows(sample_jsonl, tmp_path):
 def test_download_errors_name_the_path_and_leave_nothing(tmp_path):
     out = outputs(tmp_path)
     with pytest.raises(StageError, match="missing.jsonl does not exist"):
-        download_dataset.run(dataset_cfg(tmp_path / "missing.jsonl"), out)
+        download(dataset_cfg(tmp_path / "missing.jsonl"), out)
     bad = tmp_path / "data.txt"
     bad.write_text("x")
     with pytest.raises(StageError, match=r"unsupported file format '.txt'"):
-        download_dataset.run(dataset_cfg(bad), out)
+        download(dataset_cfg(bad), out)
     assert not (tmp_path / "raw").exists() or not any((tmp_path / "raw").iterdir())
 
 
 def test_download_hub_failure_says_how_to_use_a_local_file(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(StageError, match="point dataset.id at a local"):
-        download_dataset.run(dataset_cfg("someone/not-a-dataset-xyz"), outputs(tmp_path))
+        download(dataset_cfg("someone/not-a-dataset-xyz"), outputs(tmp_path))
 
 
 @pytest.fixture
 def raw_splits(sample_jsonl, tmp_path):
-    download_dataset.run(dataset_cfg(sample_jsonl), outputs(tmp_path))
+    download(dataset_cfg(sample_jsonl), outputs(tmp_path))
     return outputs(tmp_path)
 
 
@@ -75,7 +97,7 @@ def mf_default(resolved_config):
 def test_preprocess_builds_messages_and_test_references(raw_splits, tmp_path, resolved_config):
     mf, filters = mf_default(resolved_config)
     out = outputs(tmp_path, "pre", "jsonl")
-    report = preprocess_dataset.run(raw_splits, out, str(tmp_path / "report.json"), mf, filters)
+    report = preprocess(raw_splits, out, str(tmp_path / "report.json"), mf, filters)
     train = [json.loads(x) for x in open(out["train"])]
     assert [m["role"] for m in train[0]["messages"]] == ["system", "user", "assistant"]
     assert train[0]["messages"][2]["content"].startswith("<think>\n")
@@ -100,9 +122,7 @@ def test_preprocess_counts_each_filter_reason(raw_splits, tmp_path, resolved_con
         "deduplicate_prompts": True,
     }
     filters["answer_regex"] = r"\d"
-    report = preprocess_dataset.run(
-        raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters
-    )
+    report = preprocess(raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters)
     assert report["train"]["dropped"] == {"answer_regex": 1, "duplicate_prompt": 1, "empty:cot": 1}
     assert report["train"]["rows_kept"] == 93
 
@@ -117,7 +137,7 @@ def test_preprocess_all_filtered_is_an_error_and_writes_nothing(raw_splits, tmp_
     }
     out = outputs(tmp_path, "pre", "jsonl")
     with pytest.raises(StageError, match="every row of the train split was filtered out.*too_short:question"):
-        preprocess_dataset.run(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
+        preprocess(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
     assert not any((tmp_path / "pre").glob("*")) if (tmp_path / "pre").exists() else True
 
 
@@ -125,9 +145,7 @@ def test_preprocess_missing_column_lists_the_columns(raw_splits, tmp_path, resol
     mf, filters = mf_default(resolved_config)
     mf["training_columns"]["cot"] = "Reasoning"
     with pytest.raises(StageError) as err:
-        preprocess_dataset.run(
-            raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters
-        )
+        preprocess(raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters)
     msg = str(err.value)
     assert "messages_format.training_columns.cot" in msg and "'Reasoning'" in msg and "Complex_CoT" in msg
     assert not (tmp_path / "pre").exists()
@@ -137,9 +155,7 @@ def test_preprocess_unknown_placeholder_is_named(raw_splits, tmp_path, resolved_
     mf, filters = mf_default(resolved_config)
     mf["messages_format"]["messages"][2]["content"] = "{reasoning} {response}"
     with pytest.raises(StageError, match=r"unknown placeholder \{reasoning\}; defined names: cot, question"):
-        preprocess_dataset.run(
-            raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters
-        )
+        preprocess(raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters)
 
 
 def test_preprocess_keeps_braces_in_data_literal(raw_splits, tmp_path, resolved_config):
@@ -149,7 +165,7 @@ def test_preprocess_keeps_braces_in_data_literal(raw_splits, tmp_path, resolved_
     frame.to_parquet(raw_splits["train"])
     mf["messages_format"]["messages"][2]["content"] = "{{literal}} {cot}"
     out = outputs(tmp_path, "pre", "jsonl")
-    preprocess_dataset.run(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
+    preprocess(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
     first = json.loads(open(out["train"]).readline())
     assert first["messages"][2]["content"] == '{literal} JSON {"a": 1} and LaTeX \\frac{1}{2} and {cot}'
 
@@ -158,13 +174,13 @@ def test_preprocess_keeps_braces_in_data_literal(raw_splits, tmp_path, resolved_
 def preprocessed(raw_splits, tmp_path, resolved_config):
     mf, filters = mf_default(resolved_config)
     out = outputs(tmp_path, "pre", "jsonl")
-    preprocess_dataset.run(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
+    preprocess(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
     return out
 
 
 def test_format_tokenizes_prompt_plus_completion(preprocessed, tiny_model_dir, tiny_tokenizer, tmp_path):
     out = outputs(tmp_path, "fmt")
-    stats = format_dataset.run(
+    stats = format_splits(
         preprocessed,
         str(tiny_model_dir),
         out,
@@ -190,7 +206,7 @@ def test_format_tokenizes_prompt_plus_completion(preprocessed, tiny_model_dir, t
 @pytest.mark.parametrize("mode", ["drop", "truncate"])
 def test_format_overlength_rows_are_counted(preprocessed, tiny_model_dir, tmp_path, mode):
     out = outputs(tmp_path, "fmt")
-    probe = format_dataset.run(
+    probe = format_splits(
         preprocessed,
         str(tiny_model_dir),
         out,
@@ -198,7 +214,7 @@ def test_format_overlength_rows_are_counted(preprocessed, tiny_model_dir, tmp_pa
         {"max_length": 100_000, "overlength": mode},
     )
     limit = probe["train"]["tokens"]["p50"]
-    stats = format_dataset.run(
+    stats = format_splits(
         preprocessed,
         str(tiny_model_dir),
         out,

@@ -4,8 +4,9 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import with_defaults
 
-from workflow_scripts.common import StageError
+from workflow_scripts.common import Job, StageError
 from workflow_scripts.evaluation import compare as compare_stage
 from workflow_scripts.evaluation.answers import extract_answer, follows_format, is_correct, parse_number
 
@@ -70,8 +71,15 @@ def test_extract_answer_and_format():
     assert not follows_format("<think>\nx\n</think>\n")
 
 
+def settings_of(**values):
+    """Generation settings: ``values`` on top of the schema's evaluation defaults."""
+    from workflow_scripts.evaluation.generate import GenerationSettings
+
+    return GenerationSettings.from_config(with_defaults("evaluation", values))
+
+
 def test_batched_greedy_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
-    from workflow_scripts.evaluation.generate import GenerationSettings, generate
+    from workflow_scripts.evaluation.generate import generate
     from workflow_scripts.models.loading import load_model
 
     model = load_model(tiny_model_dir)
@@ -88,12 +96,8 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
             "2020",
         ]
     ]
-    batched = generate(
-        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=12, batch_size=4), False
-    )
-    single = generate(
-        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=12, batch_size=1), False
-    )
+    batched = generate(model, tiny_tokenizer, prompts, settings_of(max_new_tokens=12, batch_size=4), False)
+    single = generate(model, tiny_tokenizer, prompts, settings_of(max_new_tokens=12, batch_size=1), False)
     assert batched["token_ids"] == single["token_ids"]
     assert all(0 < len(t) <= 12 for t in batched["token_ids"])
     # and both equal Hugging Face's own greedy generate for a single prompt
@@ -105,7 +109,7 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
 
 def test_shared_prefix_generation_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
     """Prompts from one template share a long prefix; it is encoded once and must change nothing."""
-    from workflow_scripts.evaluation.generate import GenerationSettings, common_prefix_length, generate
+    from workflow_scripts.evaluation.generate import common_prefix_length, generate
     from workflow_scripts.models.loading import load_model
 
     model = load_model(tiny_model_dir)
@@ -125,19 +129,15 @@ def test_shared_prefix_generation_equals_one_at_a_time(tiny_model_dir, tiny_toke
     ]
     ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     assert common_prefix_length(ids) >= 8
-    shared = generate(
-        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=4), False
-    )
+    shared = generate(model, tiny_tokenizer, prompts, settings_of(max_new_tokens=10, batch_size=4), False)
     plain = generate(
         model,
         tiny_tokenizer,
         prompts,
-        GenerationSettings(max_new_tokens=10, batch_size=4, share_prefix=False),
+        settings_of(max_new_tokens=10, batch_size=4, share_prefix=False),
         False,
     )
-    single = generate(
-        model, tiny_tokenizer, prompts, GenerationSettings(max_new_tokens=10, batch_size=1), False
-    )
+    single = generate(model, tiny_tokenizer, prompts, settings_of(max_new_tokens=10, batch_size=1), False)
     assert shared["token_ids"] == single["token_ids"] == plain["token_ids"]
 
 
@@ -154,7 +154,7 @@ def test_sliding_window_models_get_unpadded_batches_when_padding_could_leave_the
 
 
 def test_paired_bootstrap_ci_known_cases():
-    delta, lo, hi = compare_stage.paired_bootstrap_ci([0] * 50, [1] * 50, samples=500)
+    delta, lo, hi = compare_stage.paired_bootstrap_ci([0] * 50, [1] * 50, samples=500, seed=0)
     assert (delta, lo, hi) == (1.0, 1.0, 1.0)
     base = [0, 1] * 100
     delta, lo, hi = compare_stage.paired_bootstrap_ci(base, base[::-1], samples=2000, seed=3)
@@ -187,8 +187,20 @@ def test_compare_writes_report_and_plots(tmp_path):
     base = write_eval(tmp_path, "base", [0] * 40, types)
     tuned = write_eval(tmp_path, "tuned", [1, 0] * 20, types)
     out = {k: str(tmp_path / k) for k in ("c.json", "c.md", "m.png", "t.png")}
-    cfg = {"bootstrap_samples": 500, "seed": 0, "type_column": "question_type"}
-    report = compare_stage.run(base[0], tuned[0], base[1], tuned[1], *out.values(), cfg)
+    cfg = with_defaults("evaluation", {"bootstrap_samples": 500, "seed": 0, "type_column": "question_type"})
+    job = Job(
+        input={
+            "base": base[0],
+            "finetuned": tuned[0],
+            "base_predictions": base[1],
+            "finetuned_predictions": tuned[1],
+        },
+        output=dict(
+            zip(("comparison", "markdown", "metrics_plot", "by_type_plot"), out.values(), strict=True)
+        ),
+        params={"evaluation": cfg},
+    )
+    report = compare_stage.run(job)
     acc = report["metrics"]["answer_accuracy"]
     assert acc["delta"] == 0.5 and acc["significant"]
     assert report["accuracy_by_type"]["lookup"] == {"n": 20, "base": 0.0, "finetuned": 1.0}
@@ -198,18 +210,30 @@ def test_compare_writes_report_and_plots(tmp_path):
 def test_empty_test_split_and_missing_reference_are_named(tmp_path, tiny_model_dir):
     from workflow_scripts.evaluation import evaluate_model
 
-    cfg = {"metrics": ["answer_accuracy"], "max_new_tokens": 4, "batch_size": 2, "answer_tolerance": 0.01}
+    cfg = with_defaults(
+        "evaluation",
+        {"metrics": ["answer_accuracy"], "max_new_tokens": 4, "batch_size": 2, "answer_tolerance": 0.01},
+    )
+
+    def evaluate(test):
+        return evaluate_model.run(
+            Job(
+                input={"model_dir": str(tiny_model_dir), "test": str(test)},
+                output={"evaluation": str(tmp_path / "e.json"), "predictions": str(tmp_path / "p.jsonl")},
+                params={"evaluation": cfg, "label": "base"},
+            )
+        )
+
     empty = tmp_path / "test.parquet"
     pd.DataFrame({"prompt_text": pd.Series([], dtype=str), "reference": pd.Series([], dtype=str)}).to_parquet(
         empty
     )
-    out = (str(tmp_path / "e.json"), str(tmp_path / "p.jsonl"))
     with pytest.raises(StageError, match=r"test split .*test.parquet is empty"):
-        evaluate_model.run(str(tiny_model_dir), str(empty), *out, cfg, "base")
+        evaluate(empty)
     no_ref = tmp_path / "noref.parquet"
     pd.DataFrame({"prompt_text": ["hi"]}).to_parquet(no_ref)
     with pytest.raises(StageError, match=r"noref.parquet has no 'reference' column"):
-        evaluate_model.run(str(tiny_model_dir), str(no_ref), *out, cfg, "base")
+        evaluate(no_ref)
     assert not (tmp_path / "e.json").exists()
 
 
@@ -239,7 +263,11 @@ def test_evaluate_model_writes_metrics_and_predictions(tmp_path, tiny_model_dir,
         "answer_tolerance": 0.01,
     }
     result = evaluate_model.run(
-        str(tiny_model_dir), str(test), str(tmp_path / "e.json"), str(tmp_path / "p.jsonl"), cfg, "base"
+        Job(
+            input={"model_dir": str(tiny_model_dir), "test": str(test)},
+            output={"evaluation": str(tmp_path / "e.json"), "predictions": str(tmp_path / "p.jsonl")},
+            params={"evaluation": with_defaults("evaluation", cfg), "label": "base"},
+        )
     )
     m = result["metrics"]
     assert {

@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import train_bpe_tokenizer, write_formatted
+from conftest import merge_job, train_bpe_tokenizer, train_job, with_defaults, write_formatted
 
-from workflow_scripts.models.loading import FALLBACK_TEMPLATES, apply_chat_template, is_multimodal
+from workflow_scripts.models.families import GEMMA3N, TEMPLATES, family_of
 
 MM_TOKENS = {
     "image_token": "<image_soft_token>",
@@ -111,12 +111,18 @@ def gemma3n_dir(tmp_path, tiny_vision_tower) -> Path:
         feature_extractor=Gemma3nAudioFeatureExtractor(),
         image_processor=SiglipImageProcessorPil(),
         tokenizer=tok,
-        chat_template=FALLBACK_TEMPLATES["gemma"],
+        chat_template=TEMPLATES["gemma"].jinja,
     )
     processor.save_pretrained(path)
     tok.save_pretrained(path)
     (path / "manifest.json").write_text(json.dumps({"model_id": "tiny-gemma3n", "chat_template": "model"}))
     return path
+
+
+def settings_of(**values):
+    from workflow_scripts.evaluation.generate import GenerationSettings
+
+    return GenerationSettings.from_config(with_defaults("evaluation", values))
 
 
 def formatted_splits(tmp_path, model_dir) -> dict[str, str]:
@@ -130,10 +136,10 @@ def test_gemma3n_chat_template_goes_through_the_processor(gemma3n_dir):
 
     from workflow_scripts.models.loading import load_chat_formatter
 
-    assert is_multimodal(gemma3n_dir)
+    assert family_of(gemma3n_dir) is GEMMA3N
     formatter = load_chat_formatter(gemma3n_dir)
-    assert isinstance(formatter, ProcessorMixin)
-    text = apply_chat_template(formatter, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert isinstance(formatter.owner, ProcessorMixin)
+    text = formatter.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert text == "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
 
 
@@ -155,7 +161,7 @@ def test_gemma3n_train_merge_generate(gemma3n_dir, tmp_path):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from workflow_scripts.evaluation.generate import GenerationSettings, generate
+    from workflow_scripts.evaluation.generate import generate
     from workflow_scripts.models import merge
     from workflow_scripts.models.loading import load_model, load_tokenizer
     from workflow_scripts.training import train as train_stage
@@ -173,29 +179,15 @@ def test_gemma3n_train_merge_generate(gemma3n_dir, tmp_path):
         "save_steps": 4,
         "report_to": ["none"],
     }
-    train_stage.run(
-        splits["train"],
-        splits["validation"],
-        str(gemma3n_dir),
-        str(out / "model"),
-        str(out / "m.csv"),
-        str(out / "loss.png"),
-        str(out / "run.json"),
-        str(out / "ckpt"),
-        training,
-        {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
-        {"mode": "disabled"},
-        "gemma3n",
-        1,
-    )
+    peft = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
+    trained = train_job(out, splits, gemma3n_dir, training, peft)
+    train_stage.run(trained)
     with safe_open(str(out / "model" / "adapter_model.safetensors"), framework="pt") as f:
         keys = list(f.keys())
     assert keys and all("language_model" in k for k in keys), "LoRA must touch the language model only"
     assert not any("vision_tower" in k or "audio_tower" in k for k in keys)
 
-    report = merge.run(
-        str(gemma3n_dir), str(out / "model"), splits["test"], str(out / "run.json"), str(out / "deploy")
-    )
+    report = merge.run(merge_job(gemma3n_dir, trained, splits["test"], out / "deploy"))
     assert report["passed"] and report["model_class"] == "Gemma3nForConditionalGeneration"
     merged = AutoModelForImageTextToText.from_pretrained(out / "deploy")
     assert type(merged).__name__ == "Gemma3nForConditionalGeneration"
@@ -204,8 +196,7 @@ def test_gemma3n_train_merge_generate(gemma3n_dir, tmp_path):
 
     model, tok = load_model(out / "deploy"), load_tokenizer(out / "deploy")
     prompts = pd.read_parquet(splits["test"])["prompt_text"].tolist()[:3]
-    batched = generate(
-        model, tok, prompts, GenerationSettings(max_new_tokens=6, batch_size=3), progress=False
-    )
-    single = generate(model, tok, prompts, GenerationSettings(max_new_tokens=6, batch_size=1), progress=False)
+    settings = {"max_new_tokens": 6}
+    batched = generate(model, tok, prompts, settings_of(batch_size=3, **settings), progress=False)
+    single = generate(model, tok, prompts, settings_of(batch_size=1, **settings), progress=False)
     assert batched["token_ids"] == single["token_ids"] and all(batched["token_ids"])

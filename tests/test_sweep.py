@@ -61,8 +61,8 @@ def test_points_are_named_from_what_they_vary(resolved_config):
     )
     names = [e.name for e in expand(cfg)]
     assert names == [
-        "sweeps/s/learning_rate~0.0001_r~8_seed~base",
-        "sweeps/s/learning_rate~0.001_r~8_seed~base",
+        "sweeps/s/learning_rate~0.0001_r~8",
+        "sweeps/s/learning_rate~0.001_r~8",
         "sweeps/s/learning_rate~0.0005_r~4_seed~3",
     ]
     # every point is its own resolved config
@@ -73,6 +73,9 @@ def test_points_are_named_from_what_they_vary(resolved_config):
 def test_ambiguous_leaf_names_keep_their_section():
     overrides = point_overrides({"grid": {"training.seed": [1, 2], "evaluation.seed": [5, 6]}})
     assert point_names(overrides)[0] == "training_seed~1_evaluation_seed~5"
+    repeated = point_overrides({"grid": {"peft.r": [4, 8]}, "points": [{"peft.r": 4}]})
+    with pytest.raises(ConfigError, match="points 0 and 2 are both named 'r~4'"):
+        point_names(repeated)
 
 
 def test_a_bad_value_in_one_point_names_the_point_and_key(resolved_config):

@@ -11,17 +11,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, build_tiny_llama, write_formatted
+from conftest import REPO, build_tiny_llama, merge_job, write_formatted
+from conftest import train_job as make_train_job
 
-from workflow_scripts.common import StageError
+from workflow_scripts.common import Job, StageError
+from workflow_scripts.models.loading import load_chat_formatter
 from workflow_scripts.training import train as train_stage
+from workflow_scripts.training.checkpoints import find_resume_checkpoint, prepare_checkpoint_dir
 from workflow_scripts.training.data import IGNORE, Collator, load_examples, pack_rows
 from workflow_scripts.training.trainer import labels_only_loss
 
 
 @pytest.fixture
-def formatted(tmp_path, tiny_tokenizer):
-    return write_formatted(tmp_path, tiny_tokenizer, tiny_tokenizer)
+def formatted(tmp_path, tiny_model_dir, tiny_tokenizer):
+    return write_formatted(tmp_path, load_chat_formatter(tiny_model_dir), tiny_tokenizer)
 
 
 def test_labels_cover_assistant_tokens_only(formatted, tiny_tokenizer):
@@ -120,15 +123,15 @@ def make_checkpoint(root: Path, step: int, complete: bool = True):
 def test_partial_newest_checkpoint_is_skipped(tmp_path):
     make_checkpoint(tmp_path, 5)
     make_checkpoint(tmp_path, 10, complete=False)
-    assert train_stage.find_resume_checkpoint(tmp_path).name == "checkpoint-5"
+    assert find_resume_checkpoint(tmp_path).name == "checkpoint-5"
 
 
 def test_changed_config_starts_fresh(tmp_path):
     root = tmp_path / "checkpoints"
-    assert train_stage.prepare_checkpoint_dir(root, "fp-a") is None
+    assert prepare_checkpoint_dir(root, "fp-a") is None
     make_checkpoint(root, 5)
-    assert train_stage.prepare_checkpoint_dir(root, "fp-a").name == "checkpoint-5"
-    assert train_stage.prepare_checkpoint_dir(root, "fp-b") is None
+    assert prepare_checkpoint_dir(root, "fp-a").name == "checkpoint-5"
+    assert prepare_checkpoint_dir(root, "fp-b") is None
     assert not list(root.glob("checkpoint-*"))
 
 
@@ -155,73 +158,61 @@ TRAINING = {
 PEFT = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}
 
 
-def train_kwargs(tmp_path, formatted, model_dir, training=TRAINING):
-    out = tmp_path / "out"
-    return dict(
-        train_path=formatted["train"],
-        validation_path=formatted["validation"],
-        model_dir=str(model_dir),
-        adapter_dir=str(out / "model"),
-        metrics_csv=str(out / "training" / "metrics.csv"),
-        loss_png=str(out / "training" / "loss.png"),
-        run_json=str(out / "training" / "run.json"),
-        checkpoint_dir=str(out / "checkpoints"),
-        training=training,
-        peft_cfg=PEFT,
-        wandb_cfg={"mode": "disabled"},
-        experiment="test",
-        threads=1,
-    )
+def train_job(tmp_path, formatted, model_dir, training=TRAINING) -> Job:
+    return make_train_job(tmp_path / "out", formatted, model_dir, training, PEFT)
 
 
 def test_train_writes_adapter_metrics_and_run_info(tmp_path, formatted, tiny_model_dir):
-    kw = train_kwargs(tmp_path, formatted, tiny_model_dir, {**TRAINING, "max_steps": 12})
-    summary = train_stage.run(**kw)
-    adapter = Path(kw["adapter_dir"])
+    job = train_job(tmp_path, formatted, tiny_model_dir, {**TRAINING, "max_steps": 12})
+    summary = train_stage.run(job)
+    adapter = Path(job.output.adapter_dir)
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    metrics = pd.read_csv(kw["metrics_csv"])
+    metrics = pd.read_csv(job.output.metrics)
     assert {"step", "loss", "eval_loss", "learning_rate", "tokens_per_s"} <= set(metrics.columns)
     losses = metrics["loss"].dropna().tolist()
     assert losses[-1] < losses[0], "a tiny model at lr 1e-2 must reduce its loss in 12 steps"
     assert metrics["eval_loss"].notna().any()
-    info = json.loads(Path(kw["run_json"]).read_text())
+    info = json.loads(Path(job.output.run_info).read_text())
     assert info["global_step"] == 12 and info["versions"]["trl"] and info["real_tokens_seen_this_run"] > 0
-    assert Path(kw["loss_png"]).stat().st_size > 1000
+    assert Path(job.output.loss_plot).stat().st_size > 1000
     assert summary["resumed_from"] is None
 
 
 def test_resume_after_sigkill(tmp_path, formatted, tiny_model_dir):
     """Kill training (SIGKILL) after its first checkpoint; the re-run resumes and finishes."""
     training = {**TRAINING, "max_steps": 200, "eval_steps": 100}
-    kw = train_kwargs(tmp_path, formatted, tiny_model_dir, training)
+    job = train_job(tmp_path, formatted, tiny_model_dir, training)
     script = (
-        "import json, sys\nsys.path.insert(0, sys.argv[2])\nfrom workflow_scripts.common import setup_logging\n"
+        "import json, sys\nsys.path.insert(0, sys.argv[2])\n"
+        "from workflow_scripts.common import Job, setup_logging\n"
         "from workflow_scripts.training import train\nkw = json.loads(open(sys.argv[1]).read())\n"
-        "setup_logging(kw.pop('log'))\ntrain.run(**kw)\n"
+        "setup_logging(kw.pop('log'))\ntrain.run(Job(**kw))\n"
     )
     args_file = tmp_path / "kw.json"
     log_file = tmp_path / "train.log"
-    args_file.write_text(json.dumps({**kw, "log": str(log_file)}))
+    args_file.write_text(json.dumps({**job.to_dict(), "log": str(log_file)}))
     env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-c", script, str(args_file), str(REPO)], env=env)
-    ckpts = Path(kw["checkpoint_dir"])
+    ckpts = Path(job.params.checkpoint_dir)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if ckpts.is_dir() and train_stage.find_resume_checkpoint(ckpts) is not None:
+        if ckpts.is_dir() and find_resume_checkpoint(ckpts) is not None:
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert list(ckpts.glob("checkpoint-*")), "training should have written a checkpoint before the kill"
-    assert not Path(kw["adapter_dir"]).exists(), "killed run must not leave an adapter that looks complete"
+    assert not Path(job.output.adapter_dir).exists(), (
+        "killed run must not leave an adapter that looks complete"
+    )
     subprocess.run([sys.executable, "-c", script, str(args_file), str(REPO)], env=env, check=True)
     text = log_file.read_text()
     assert "resuming from checkpoint-" in text
-    info = json.loads(Path(kw["run_json"]).read_text())
+    info = json.loads(Path(job.output.run_info).read_text())
     resumed_step = int(info["resumed_from"].split("-")[1])
     assert 0 < resumed_step < training["max_steps"]
     assert info["global_step"] == training["max_steps"]
-    assert (Path(kw["adapter_dir"]) / "adapter_model.safetensors").is_file()
+    assert (Path(job.output.adapter_dir) / "adapter_model.safetensors").is_file()
 
 
 def test_merge_equals_base_plus_adapter(tmp_path, formatted, tiny_model_dir):
@@ -231,19 +222,19 @@ def test_merge_equals_base_plus_adapter(tmp_path, formatted, tiny_model_dir):
 
     from workflow_scripts.models import merge
 
-    kw = train_kwargs(tmp_path, formatted, tiny_model_dir, {**TRAINING, "max_steps": 6})
-    train_stage.run(**kw)
+    job = train_job(tmp_path, formatted, tiny_model_dir, {**TRAINING, "max_steps": 6})
+    train_stage.run(job)
     # make the adapter clearly non-zero so equality is not trivial
     adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), kw["adapter_dir"]
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), job.output.adapter_dir
     )
     with torch.no_grad():
         for name, p in adapter.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    adapter.save_pretrained(kw["adapter_dir"])
+    adapter.save_pretrained(job.output.adapter_dir)
     out = tmp_path / "deployment_model"
-    report = merge.run(str(tiny_model_dir), kw["adapter_dir"], formatted["test"], kw["run_json"], str(out))
+    report = merge.run(merge_job(tiny_model_dir, job, formatted["test"], out))
     assert report["passed"] and report["max_logit_diff"] <= 1e-3
     saved = json.loads((out / "merge_report.json").read_text())
     assert saved["max_logit_diff"] == report["max_logit_diff"]
@@ -264,12 +255,12 @@ def test_merge_equals_base_plus_adapter(tmp_path, formatted, tiny_model_dir):
 def test_two_process_training_saves_the_adapter_once(tmp_path, formatted, tiny_model_dir):
     """training.num_processes=2 runs DDP (gloo, CPU) through accelerate launch."""
     training = {**TRAINING, "max_steps": 10, "eval_steps": 10, "save_steps": 5, "num_processes": 2}
-    kw = train_kwargs(tmp_path, formatted, tiny_model_dir, training)
-    summary = train_stage.run(**kw)
+    job = train_job(tmp_path, formatted, tiny_model_dir, training)
+    summary = train_stage.run(job)
     assert summary["setup"]["world_size"] == 2
     assert summary["global_step"] == 10
-    out = Path(kw["adapter_dir"]).parent
+    out = Path(job.output.adapter_dir).parent
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "model", "training"]
     assert (out / "model" / "adapter_model.safetensors").is_file()
-    losses = pd.read_csv(kw["metrics_csv"])["loss"].dropna().tolist()
+    losses = pd.read_csv(job.output.metrics)["loss"].dropna().tolist()
     assert losses[-1] < losses[0]

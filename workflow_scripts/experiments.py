@@ -154,28 +154,26 @@ def point_overrides(sweep: dict) -> list[dict]:
 
 
 def point_names(overrides: list[dict]) -> list[str]:
-    """Readable, unique, path- and job-name-safe names from the keys each point varies.
+    """Readable, unique, path- and job-name-safe names: each point by the keys it sets itself.
 
-    Built with snakemake.utils.Paramspace (`key~value` joined by `_`), over the keys whose
-    values differ between points; a point that leaves a key at the base value shows `base`.
+    Built with snakemake.utils.Paramspace (`key~value` joined by `_`). A point's name depends
+    only on its own keys and values, so adding or removing other points (or a grid value) never
+    renames it, and its finished jobs are kept.
     """
     import pandas as pd
     from snakemake.utils import Paramspace
 
-    keys = list(dict.fromkeys(k for o in overrides for k in o))
-    varied = [k for k in keys if len({_value_text(o.get(k, "\0base")) for o in overrides}) > 1] or keys
-    short = _short_names(varied)
-    table = pd.DataFrame(
-        [{short[k]: slug(_value_text(o[k])) if k in o else "base" for k in varied} for o in overrides],
-        columns=[short[k] for k in varied],
-    )
-    names = list(Paramspace(table, filename_params="*").instance_patterns) if varied else ["base"]
+    short = _short_names(list(dict.fromkeys(k for o in overrides for k in o)))
+    names = []
+    for o in overrides:
+        row = pd.DataFrame([{short[k]: slug(_value_text(v)) for k, v in o.items()}])
+        names.append(next(iter(Paramspace(row, filename_params="*").instance_patterns)))
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         if n in seen:
             raise ConfigError(
-                f"sweep: points {seen[n]} and {i} get the same name {n!r} (their values differ only in "
-                "characters a folder name cannot hold); make the values distinct"
+                f"sweep: points {seen[n]} and {i} are both named {n!r}: the same values (a point "
+                "repeated), or values that differ only in characters a folder name cannot hold"
             )
         seen[n] = i
     return names

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.common import StageError, hf_token, snakemake_main, write_json, write_parquet
+from workflow_scripts.common import Job, StageError, hf_token, snakemake_main, write_json, write_parquet
 from workflow_scripts.data.sources import (
     SPLITS,
     SourceError,
@@ -161,21 +161,18 @@ def make_splits(frames: dict[str, pd.DataFrame], cfg: dict) -> tuple[dict[str, p
     return named, {"carved_from_train": carved, "seed": seed, "max_rows": cfg["max_rows"]}
 
 
-def run(cfg: dict, outputs: dict[str, str]) -> dict[str, int]:
-    """``outputs``: a parquet path per split and ``sources`` (the provenance record)."""
+def run(job: Job) -> dict[str, int]:
+    """Outputs: a parquet file per split and ``sources`` (the provenance record)."""
+    cfg = job.params.dataset
     frames, record = load_local(cfg) if looks_local(cfg["id"]) else load_hub(cfg)
     splits, carving = make_splits(frames, cfg)
     counts = {s: len(splits[s]) for s in SPLITS}
     for s in SPLITS:
-        write_parquet(outputs[s], splits[s])
-    write_json(outputs["sources"], {**record, **carving, "rows": counts})
+        write_parquet(job.output[s], splits[s])
+    write_json(job.output.sources, {**record, **carving, "rows": counts})
     log.info("rows per split: %s", counts)
     return counts
 
 
-def _from_snakemake(smk) -> None:
-    run(dict(smk.params.dataset), {k: smk.output[k] for k in (*SPLITS, "sources")})
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

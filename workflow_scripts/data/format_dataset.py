@@ -12,16 +12,17 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.common import StageError, read_jsonl, snakemake_main, write_json, write_parquet
-from workflow_scripts.models.loading import apply_chat_template, load_chat_formatter, load_tokenizer
+from workflow_scripts.common import Job, StageError, read_jsonl, snakemake_main, write_json, write_parquet
+from workflow_scripts.models.families import ChatFormatter
+from workflow_scripts.models.loading import load_chat_formatter, load_tokenizer
 
 log = logging.getLogger("snaketune.format_dataset")
 
 
-def render_example(formatter, messages: list[dict]) -> tuple[str, str]:
+def render_example(formatter: ChatFormatter, messages: list[dict]) -> tuple[str, str]:
     """(prompt_text, completion_text) of a conversation whose last message is the assistant's."""
-    prompt = apply_chat_template(formatter, messages[:-1], add_generation_prompt=True)
-    full = apply_chat_template(formatter, messages, add_generation_prompt=False)
+    prompt = formatter.render(messages[:-1], add_generation_prompt=True)
+    full = formatter.render(messages, add_generation_prompt=False)
     if not full.startswith(prompt):
         raise StageError(
             "format_dataset: the chat template renders the prompt differently inside the full conversation "
@@ -49,7 +50,7 @@ def percentiles(lengths: list[int]) -> dict:
 
 
 def format_train_split(
-    rows: list[dict], formatter, tok, max_length: int, overlength: str
+    rows: list[dict], formatter: ChatFormatter, tok, max_length: int, overlength: str
 ) -> tuple[list, dict]:
     out, lengths = [], []
     stats = {"over_max_length": 0, "dropped": 0, "truncated": 0}
@@ -82,10 +83,10 @@ def format_train_split(
     return out, stats
 
 
-def format_test_split(rows: list[dict], formatter, tok) -> tuple[list, dict]:
+def format_test_split(rows: list[dict], formatter: ChatFormatter, tok) -> tuple[list, dict]:
     out, lengths = [], []
     for row in rows:
-        prompt = apply_chat_template(formatter, row["messages"], add_generation_prompt=True)
+        prompt = formatter.render(row["messages"], add_generation_prompt=True)
         n = len(tokenize(tok, prompt))
         lengths.append(n)
         out.append(
@@ -102,9 +103,8 @@ def format_test_split(rows: list[dict], formatter, tok) -> tuple[list, dict]:
     return out, {"rows": len(out), "prompt_tokens": percentiles(lengths)}
 
 
-def run(
-    preprocessed: dict[str, str], model_dir: str, outputs: dict[str, str], stats_path: str, fmt: dict
-) -> dict:
+def run(job: Job) -> dict:
+    fmt, model_dir = job.params.format, job.input.model_dir
     formatter = load_chat_formatter(model_dir)
     tok = load_tokenizer(model_dir)
     manifest_path = Path(model_dir) / "manifest.json"
@@ -112,7 +112,7 @@ def run(
     results, stats = {}, {"max_length": fmt["max_length"], "overlength": fmt["overlength"]}
     stats["chat_template"] = manifest.get("chat_template", "model")
     for split in ("train", "validation"):
-        rows = read_jsonl(preprocessed[split])
+        rows = read_jsonl(job.input[split])
         results[split], stats[split] = format_train_split(
             rows, formatter, tok, fmt["max_length"], fmt["overlength"]
         )
@@ -121,27 +121,16 @@ def run(
                 f"training.max_length: all {len(rows)} {split} rows are longer than {fmt['max_length']} tokens "
                 f"({stats[split]['tokens']}); raise training.max_length or set training.overlength: truncate"
             )
-    rows = read_jsonl(preprocessed["test"])
+    rows = read_jsonl(job.input.test)
     if not rows:
-        raise StageError(f"format_dataset: the test split {preprocessed['test']} is empty")
+        raise StageError(f"format_dataset: the test split {job.input.test} is empty")
     results["test"], stats["test"] = format_test_split(rows, formatter, tok)
     for split, rows in results.items():
-        write_parquet(outputs[split], rows)
-    write_json(stats_path, stats)
+        write_parquet(job.output[split], rows)
+    write_json(job.output.stats, stats)
     log.info("formatted: %s", {s: len(r) for s, r in results.items()})
     return stats
 
 
-def _from_snakemake(smk) -> None:
-    splits = ("train", "validation", "test")
-    run(
-        {s: smk.input[s] for s in splits},
-        smk.input.model_dir,
-        {s: smk.output[s] for s in splits},
-        smk.output.stats,
-        dict(smk.params.format),
-    )
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

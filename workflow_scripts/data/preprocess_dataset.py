@@ -7,7 +7,7 @@ from collections import Counter
 
 import pandas as pd
 
-from workflow_scripts.common import StageError, snakemake_main, write_json, write_jsonl
+from workflow_scripts.common import Job, StageError, snakemake_main, write_json, write_jsonl
 from workflow_scripts.config import ConfigError, check_messages_format, render_template
 
 log = logging.getLogger("snaketune.preprocess_dataset")
@@ -28,9 +28,7 @@ def normalise(text: str) -> str:
 def check_columns(frame: pd.DataFrame, split: str, mf: dict) -> None:
     columns = list(frame.columns)
     wanted = [(f"messages_format.training_columns.{k}", c) for k, c in mf["training_columns"].items()]
-    wanted += [
-        (f"messages_format.metadata_columns[{i}]", c) for i, c in enumerate(mf.get("metadata_columns", []))
-    ]
+    wanted += [(f"messages_format.metadata_columns[{i}]", c) for i, c in enumerate(mf["metadata_columns"])]
     if split == "test":
         wanted += [(f"messages_format.evaluate_columns.{k}", c) for k, c in mf["evaluate_columns"].items()]
     for key, column in wanted:
@@ -57,10 +55,11 @@ def preprocess_split(
     mf: dict,
     filters: dict,
     seen_train_prompts: set[str] | None = None,
-) -> tuple[list[dict], dict]:
+) -> tuple[list[dict], dict, set[str]]:
+    """(rows kept, report of the drops by reason, normalised user prompts kept)."""
     templates = mf["messages_format"]["messages"]
-    system_prompt = mf["messages_format"].get("system_prompt") or ""
-    answer_re = re.compile(filters["answer_regex"]) if filters.get("answer_regex") else None
+    system_prompt = mf["messages_format"]["system_prompt"] or ""
+    answer_re = re.compile(filters["answer_regex"]) if filters["answer_regex"] else None
     ref_col = mf["evaluate_columns"]["response"]
     dropped: Counter = Counter()
     seen: set[str] = set()
@@ -68,11 +67,11 @@ def preprocess_split(
     for record in frame.to_dict("records"):
         values = {name: _text(record[col]) for name, col in mf["training_columns"].items()}
         reason = None
-        if filters.get("drop_empty", True):
+        if filters["drop_empty"]:
             reason = next((f"empty:{n}" for n, v in values.items() if not v.strip()), None)
-        for name, limit in (filters.get("min_chars") or {}).items():
+        for name, limit in (filters["min_chars"] or {}).items():
             reason = reason or (f"too_short:{name}" if len(values[name]) < limit else None)
-        for name, limit in (filters.get("max_chars") or {}).items():
+        for name, limit in (filters["max_chars"] or {}).items():
             reason = reason or (f"too_long:{name}" if len(values[name]) > limit else None)
         reference = _text(record.get(ref_col)) if ref_col in record else ""
         if not reason and answer_re is not None and not answer_re.search(reference):
@@ -80,7 +79,7 @@ def preprocess_split(
         values["system_prompt"] = system_prompt
         messages = build_messages(templates, values)
         prompt_key = normalise("\n".join(m["content"] for m in messages if m["role"] == "user"))
-        if not reason and filters.get("deduplicate_prompts", True):
+        if not reason and filters["deduplicate_prompts"]:
             if prompt_key in seen:
                 reason = "duplicate_prompt"
             elif seen_train_prompts is not None and prompt_key in seen_train_prompts:
@@ -89,7 +88,7 @@ def preprocess_split(
             dropped[reason] += 1
             continue
         seen.add(prompt_key)
-        meta = {c: _text(record[c]) for c in mf.get("metadata_columns", [])}
+        meta = {c: _text(record[c]) for c in mf["metadata_columns"]}
         if split == "test":
             last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             rows.append(
@@ -112,9 +111,10 @@ def preprocess_split(
     return rows, report, seen
 
 
-def run(raw: dict[str, str], outputs: dict[str, str], report_path: str, mf: dict, filters: dict) -> dict:
+def run(job: Job) -> dict:
+    mf, filters = job.params.messages_format, job.params.filters
     check_templates(mf, filters)
-    frames = {s: pd.read_parquet(raw[s]) for s in SPLITS}
+    frames = {s: pd.read_parquet(job.input[s]) for s in SPLITS}
     for s in SPLITS:  # every check before any output is written
         check_columns(frames[s], s, mf)
     results, report, train_prompts = {}, {}, None
@@ -127,20 +127,10 @@ def run(raw: dict[str, str], outputs: dict[str, str], report_path: str, mf: dict
             "%s: kept %d of %d rows, dropped %s", s, len(rows), report[s]["rows_in"], report[s]["dropped"]
         )
     for s in SPLITS:
-        write_jsonl(outputs[s], results[s])
-    write_json(report_path, report)
+        write_jsonl(job.output[s], results[s])
+    write_json(job.output.report, report)
     return report
 
 
-def _from_snakemake(smk) -> None:
-    run(
-        {s: smk.input[s] for s in SPLITS},
-        {s: smk.output[s] for s in SPLITS},
-        smk.output.report,
-        dict(smk.params.messages_format),
-        dict(smk.params.filters),
-    )
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

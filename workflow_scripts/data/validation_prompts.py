@@ -10,12 +10,13 @@ import logging
 
 import pandas as pd
 
-from workflow_scripts.common import StageError, snakemake_main, write_parquet
+from workflow_scripts.common import Job, StageError, snakemake_main, write_parquet
 
 log = logging.getLogger("snaketune.validation_prompts")
 
 
-def run(validation_path: str, output_path: str) -> int:
+def run(job: Job) -> int:
+    validation_path, output_path = job.input.validation, job.output.prompts
     frame = pd.read_parquet(validation_path)
     if frame.empty:
         raise StageError(f"validation_prompts: {validation_path} has no rows; nothing to select by")
@@ -38,9 +39,5 @@ def run(validation_path: str, output_path: str) -> int:
     return len(rows)
 
 
-def _from_snakemake(smk) -> None:
-    run(smk.input.validation, smk.output.prompts)
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from workflow_scripts.common import StageError, atomic_path, read_jsonl, snakemake_main, write_json
+from workflow_scripts.common import Job, StageError, atomic_path, read_jsonl, snakemake_main, write_json
 
 log = logging.getLogger("snaketune.compare")
 
@@ -25,7 +25,7 @@ PAIRED = {
 NO_NUMBER = "no-number-in-prediction"  # answers.judge's rule for a prediction without a number
 
 
-def paired_bootstrap_ci(base, tuned, samples: int = 2000, seed: int = 0, level: float = 0.95):
+def paired_bootstrap_ci(base, tuned, samples: int, seed: int, level: float = 0.95):
     """CI of mean(tuned - base) resampling examples with replacement (pairs kept together)."""
     diff = np.asarray(tuned, dtype=float) - np.asarray(base, dtype=float)
     rng = np.random.default_rng(seed)
@@ -184,26 +184,25 @@ def plot(report: dict, metrics_png: str, by_type_png: str) -> None:
     plt.close(fig)
 
 
-def run(
-    base_json, tuned_json, base_pred, tuned_pred, out_json, out_md, metrics_png, by_type_png, cfg
-) -> dict:
-    base_eval = json.loads(open(base_json).read())
-    tuned_eval = json.loads(open(tuned_json).read())
+def run(job: Job) -> dict:
+    cfg = job.params.evaluation
+    base_eval = json.loads(open(job.input.base).read())
+    tuned_eval = json.loads(open(job.input.finetuned).read())
     matching = answer_matching(base_eval, tuned_eval)
     report = compare(
-        read_jsonl(base_pred),
-        read_jsonl(tuned_pred),
+        read_jsonl(job.input.base_predictions),
+        read_jsonl(job.input.finetuned_predictions),
         cfg["bootstrap_samples"],
         cfg["seed"],
-        cfg.get("type_column"),
+        cfg["type_column"],
     )
     report["answer_matching"] = matching
     report["base_metrics"] = base_eval["metrics"]
     report["finetuned_metrics"] = tuned_eval["metrics"]
-    plot(report, metrics_png, by_type_png)
-    with atomic_path(out_md) as tmp:
+    plot(report, job.output.metrics_plot, job.output.by_type_plot)
+    with atomic_path(job.output.markdown) as tmp:
         tmp.write_text(to_markdown(report, base_eval, tuned_eval))
-    write_json(out_json, report)
+    write_json(job.output.comparison, report)
     acc = report["metrics"].get("answer_accuracy")
     if acc:
         log.info(
@@ -216,19 +215,5 @@ def run(
     return report
 
 
-def _from_snakemake(smk) -> None:
-    run(
-        smk.input.base,
-        smk.input.finetuned,
-        smk.input.base_predictions,
-        smk.input.finetuned_predictions,
-        smk.output.comparison,
-        smk.output.markdown,
-        smk.output.metrics_plot,
-        smk.output.by_type_plot,
-        dict(smk.params.evaluation),
-    )
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

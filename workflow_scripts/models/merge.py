@@ -13,8 +13,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workflow_scripts.common import StageError, atomic_path, set_threads, snakemake_main, write_json
-from workflow_scripts.models.loading import is_multimodal, load_chat_formatter, load_model, load_tokenizer
+from workflow_scripts.common import Job, StageError, atomic_path, set_threads, snakemake_main, write_json
+from workflow_scripts.models.loading import load_chat_formatter, load_model, load_tokenizer
+from workflow_scripts.models.model_card import merge_card
 
 log = logging.getLogger("snaketune.merge")
 
@@ -36,45 +37,11 @@ def max_logit_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def model_card(base_dir: str, adapter_dir: str, run_info: dict, report: dict) -> str:
-    manifest_path = Path(base_dir) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    adapter_cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    training = (run_info.get("resolved_config") or {}).get("training", {})
-    lora = {k: adapter_cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
-    base_id = manifest.get("model_id", "unknown")
-    return f"""---
-base_model: {base_id}
-library_name: transformers
-tags: [snaketune, lora, merged]
----
-# Fine-tuned {base_id}
-
-LoRA fine-tune of `{base_id}` produced by the snaketune workflow, with the adapter merged
-into the weights (no PEFT needed to load it).
-
-- **Base model:** `{base_id}` ({manifest.get("architecture", "?")}, {manifest.get("parameters", 0):,} parameters)
-- **LoRA:** {json.dumps(lora)}
-- **Training:** {run_info.get("global_step", "?")} steps, learning rate {training.get("learning_rate")},
-  batch {training.get("per_device_train_batch_size")}, max length {training.get("max_length")};
-  final train loss {run_info.get("train_loss")}, final validation loss {run_info.get("final_eval_loss")}
-- **Chat template:** {manifest.get("chat_template", "model")} (the one used in training and evaluation)
-- **Merge check:** max |logit(merged) - logit(base + adapter)| = {report["max_logit_diff"]:.2e}
-  on {report["n_prompts"]} test prompts (tolerance {report["tolerance"]:g})
-
-## Usage
-```python
-from transformers import AutoModelForCausalLM, AutoProcessor
-model = AutoModelForCausalLM.from_pretrained("path/to/deployment_model")
-processor = AutoProcessor.from_pretrained("path/to/deployment_model")
-```
-"""
-
-
-def run(base_dir: str, adapter_dir: str, test_path: str, run_json: str | None, out_dir: str, threads=None) -> dict:
+def run(job: Job) -> dict:
     from peft import PeftModel
 
-    set_threads(threads)
+    base_dir, adapter_dir, test_path = job.input.model_dir, job.input.adapter_dir, job.input.test
+    set_threads(job.threads)
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise StageError(f"merge: {adapter_dir} has no adapter_config.json (run the train rule first)")
     prompts = pd.read_parquet(test_path, columns=["prompt_text"])["prompt_text"].tolist()[:N_PROMPTS]
@@ -85,13 +52,13 @@ def run(base_dir: str, adapter_dir: str, test_path: str, run_json: str | None, o
     adapted = PeftModel.from_pretrained(load_model(base_dir, dtype=dtype), adapter_dir)
     reference = prompt_logits(adapted, tok, prompts)
     merged = adapted.merge_and_unload()
-    run_info = json.loads(Path(run_json).read_text()) if run_json and Path(run_json).is_file() else {}
-    with atomic_path(out_dir, is_dir=True) as tmp:
+    run_info = json.loads(Path(job.input.run_info).read_text())
+    with atomic_path(job.output.deployment_dir, is_dir=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         formatter = load_chat_formatter(base_dir)
         formatter.save_pretrained(tmp)
-        if is_multimodal(base_dir):
-            tok.save_pretrained(tmp)
+        if formatter.owner is not formatter.tokenizer:
+            tok.save_pretrained(tmp)  # beside a processor, the tokenizer's own files too
         del merged, adapted
         reloaded = load_model(tmp, dtype=dtype)  # the base model's class, from disk, no PEFT
         diff = max_logit_diff(reference, prompt_logits(reloaded, tok, prompts))
@@ -109,20 +76,9 @@ def run(base_dir: str, adapter_dir: str, test_path: str, run_json: str | None, o
                 f"merge: merged model differs from base + adapter (max logit diff {diff:.3e} > {TOLERANCE_FP32})"
             )
         write_json(tmp / "merge_report.json", report)
-        (tmp / "README.md").write_text(model_card(base_dir, adapter_dir, run_info, report))
+        (tmp / "README.md").write_text(merge_card(base_dir, adapter_dir, run_info, report, usage=formatter.family.usage_snippet))
     return report
 
 
-def _from_snakemake(smk) -> None:
-    run(
-        smk.input.model_dir,
-        smk.input.adapter_dir,
-        smk.input.test,
-        smk.input.run_info,
-        smk.output.deployment_dir,
-        smk.threads,
-    )
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

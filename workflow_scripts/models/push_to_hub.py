@@ -1,40 +1,129 @@
-"""Opt-in: upload the deployment model, its model card and the evaluation JSONs to the Hub.
+"""Opt-in: upload the deployment model, its model card, the evaluation and the GGUF files to the Hub.
 
-Fails before any upload when `hub.repo_id` or HF_TOKEN is missing. `hub.dry_run` lists exactly
-what would be uploaded (path in the repo, size) and uploads nothing.
+The card is rewritten for the Hub here (workflow_scripts.models.model_card): merge runs before the
+evaluation, so only now can it carry the base-vs-fine-tuned table and `model-index` results, the
+dataset and the GGUF files. GGUF files are included when export_gguf has run for this very
+deployment model (its report records the weights' hash). Workflow internals (Snakemake's
+`.snakemake_timestamp`, temporary files: any name starting with a dot) are never uploaded.
+
+Fails before any upload when `hub.repo_id` or HF_TOKEN is missing. `hub.dry_run` writes the card
+and lists exactly what would be uploaded (path in the repo, size), and uploads nothing.
 """
 
+import json
 import logging
 from pathlib import Path
 
-from workflow_scripts.common import StageError, hf_token, snakemake_main, write_json
+from workflow_scripts.common import Job, StageError, atomic_path, hf_token, snakemake_main, write_json
+from workflow_scripts.models import model_card
 
 log = logging.getLogger("snaketune.push_to_hub")
 
 
-def upload_plan(deployment_dir: str, evaluation_files: list[str]) -> list[tuple[str, str]]:
-    """(local path, path in the repo) of every file to upload."""
-    plan = [(str(p), p.relative_to(deployment_dir).as_posix()) for p in sorted(Path(deployment_dir).rglob("*")) if p.is_file()]
+def is_internal(relative: Path) -> bool:
+    """Workflow bookkeeping, not part of the model: dot files (.snakemake_timestamp, temp files)."""
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def exported_gguf(export_report: str | None, deployment_dir: str) -> tuple[list[dict], list[tuple[str, str]]]:
+    """(card rows, upload entries) of the verified GGUF files of this deployment model, if any."""
+    if not export_report or not Path(export_report).is_file():
+        return [], []
+    from workflow_scripts.models.export_gguf import weights_sha256
+
+    report = json.loads(Path(export_report).read_text())
+    if not report.get("passed") or report.get("source_weights_sha256") != weights_sha256(deployment_dir):
+        log.warning(
+            "%s is not for the current deployment model; re-run export_gguf to publish GGUF files",
+            export_report,
+        )
+        return [], []
+    rows, plan = [], []
+    folder = Path(export_report).parent
+    for outtype, f in report.get("files", {}).items():
+        path = folder / f["file"]
+        if not path.is_file():
+            continue
+        if f["checked_by"] == "logits":
+            check = f"max logit diff {f['max_logit_diff']:.1e}"
+        else:
+            check = f"greedy answers identical on {f['greedy_identical']} test prompts"
+        rows.append({"file": f["file"], "outtype": outtype, "bytes": path.stat().st_size, "check": check})
+        plan.append((str(path), f["file"]))
+    if plan:
+        plan.append((str(export_report), "export_report.json"))
+    return rows, plan
+
+
+def upload_plan(
+    deployment_dir: str, card: str, evaluation_files: list[str], extra=()
+) -> list[tuple[str, str]]:
+    """(local path, path in the repo) of every file to upload: the model (its README.md replaced by
+    ``card``), the evaluation JSONs, then ``extra`` (the GGUF files)."""
+    root = Path(deployment_dir)
+    plan = [(card, "README.md")]
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if path.is_file() and not is_internal(relative) and relative.as_posix() != "README.md":
+            plan.append((str(path), relative.as_posix()))
     plan += [(f, f"evaluation/{Path(f).name}") for f in evaluation_files]
-    return plan
+    return plan + list(extra)
 
 
-def run(deployment_dir: str, evaluation_files: list[str], hub: dict, report_path: str) -> dict:
+def base_license(base_model: str | None, token: str | None) -> str | None:
+    """The base model's licence as its Hub card states it (only asked when really pushing)."""
+    if not base_model:
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        data = HfApi(token=token).model_info(base_model).card_data
+        return getattr(data, "license", None) if data else None
+    except Exception as exc:  # the card is still valid without it
+        log.warning("could not read the licence of %s from the Hub (%s)", base_model, type(exc).__name__)
+        return None
+
+
+def run(job: Job) -> dict:
+    hub = dict(job.params.hub)
     repo_id = hub.get("repo_id")
     if not repo_id:
-        raise StageError("hub.repo_id: not set; pass --config hub.repo_id=<user>/<model> (nothing was uploaded)")
-    plan = upload_plan(deployment_dir, evaluation_files)
+        raise StageError(
+            "hub.repo_id: not set; pass --config hub.repo_id=<user>/<model> (nothing was uploaded)"
+        )
+    dry_run = bool(hub.get("dry_run"))
+    token = None if dry_run else hf_token()
+    if not dry_run and not token:
+        raise StageError(
+            "HF_TOKEN: not set in the environment or .env; it is needed to push (nothing was uploaded)"
+        )
+    deployment_dir = job.input.deployment_dir
+    manifest = model_card.read_manifest(job.input.base_model_dir)
+    origin = model_card.base_model_origin(manifest)
+    gguf_rows, gguf_plan = exported_gguf(job.params.get("export_report"), deployment_dir)
+    card_path = Path(deployment_dir) / "README.md"
+    card = model_card.publish_card(
+        card_path.read_text() if card_path.is_file() else "",
+        repo_id=repo_id,
+        manifest=manifest,
+        dataset_cfg=job.params.get("dataset"),
+        comparison=json.loads(Path(job.input.comparison).read_text()),
+        finetuned_eval=json.loads(Path(job.input.finetuned).read_text()),
+        gguf=gguf_rows,
+        license=None if (dry_run or origin["license"]) else base_license(origin["base_model"], token),
+    )
+    with atomic_path(job.output.card) as tmp:
+        tmp.write_text(card)
+    evaluations = [job.input.base, job.input.finetuned, job.input.comparison]
+    plan = upload_plan(deployment_dir, str(job.output.card), evaluations, gguf_plan)
     files = [{"path_in_repo": dest, "bytes": Path(src).stat().st_size} for src, dest in plan]
-    report = {"repo_id": repo_id, "private": hub.get("private", True), "dry_run": bool(hub.get("dry_run")), "files": files}
-    if hub.get("dry_run"):
+    report = {"repo_id": repo_id, "private": hub["private"], "dry_run": dry_run, "files": files}
+    if dry_run:
         for f in files:
             print(f"would upload {f['path_in_repo']} ({f['bytes']:,} bytes)")
             log.info("would upload %s (%d bytes)", f["path_in_repo"], f["bytes"])
-        write_json(report_path, report)
+        write_json(job.output.report, report)
         return report
-    token = hf_token()
-    if not token:
-        raise StageError("HF_TOKEN: not set in the environment or .env; it is needed to push (nothing was uploaded)")
     from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token)
@@ -49,18 +138,9 @@ def run(deployment_dir: str, evaluation_files: list[str], hub: dict, report_path
         raise StageError(f"hub.repo_id: pushing to {repo_id!r} failed ({type(exc).__name__}: {exc})") from exc
     report["url"] = str(url)
     log.info("pushed %d files to %s", len(files), url)
-    write_json(report_path, report)
+    write_json(job.output.report, report)
     return report
 
 
-def _from_snakemake(smk) -> None:
-    run(
-        smk.input.deployment_dir,
-        [smk.input.base, smk.input.finetuned, smk.input.comparison],
-        dict(smk.params.hub),
-        smk.output.report,
-    )
-
-
 if "snakemake" in globals():
-    snakemake_main(snakemake, _from_snakemake)
+    snakemake_main(snakemake, run)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
+from workflow_scripts.models.families import family_of
 from workflow_scripts.training.data import IGNORE
 
 
@@ -23,8 +24,7 @@ def split_head(model):
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if decoder is None or head is None:
         return None
-    cfg = base.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text_cfg = family_of(base.config).text_config(base.config)
     return decoder, head, getattr(text_cfg, "final_logit_softcapping", None)
 
 

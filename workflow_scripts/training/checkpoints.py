@@ -1,0 +1,98 @@
+"""Training checkpoints: which one to resume from, and when to throw them all away.
+
+Checkpoints live in results/{experiment}/checkpoints/, outside the train rule's outputs (so
+Snakemake never deletes them when a run dies). A re-run resumes from the newest *complete*
+checkpoint (a SIGKILL can leave the last one half written). The folder carries a fingerprint of
+the training/peft config and the data; when it changes the checkpoints are cleared, so a run
+never continues from another run's state.
+"""
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from workflow_scripts.common import write_json
+
+log = logging.getLogger("snaketune.train")
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+FINGERPRINT = "fingerprint.json"
+
+
+def checkpoint_is_complete(path: Path) -> bool:
+    """A checkpoint a SIGKILL did not cut short: state, weights, optimizer, all readable."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if "global_step" not in state:
+            return False
+        weights = path / "adapter_model.safetensors"
+        if (
+            not weights.is_file()
+            or not (path / "optimizer.pt").is_file()
+            or not (path / "scheduler.pt").is_file()
+        ):
+            return False
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            list(f.keys())
+        torch.load(path / "scheduler.pt", weights_only=True)
+        return True
+    except Exception:  # any unreadable piece means the write was interrupted
+        return False
+
+
+def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
+    candidates = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if CHECKPOINT_RE.match(p.name)),
+        key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)),
+        reverse=True,
+    )
+    for cand in candidates:
+        if checkpoint_is_complete(cand):
+            return cand
+        log.warning("skipping incomplete checkpoint %s (interrupted while being written)", cand.name)
+    return None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at."""
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def load_checkpoint(trainer, checkpoint: Path) -> None:
+    """Put ``checkpoint``'s adapter weights and trainer state into ``trainer`` (PEFT's and
+    transformers' public API), for a checkpoint with no step left to train."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
+def fingerprint(training: dict, peft: dict, files: list[str]) -> str:
+    h = hashlib.sha256(json.dumps({"training": training, "peft": peft}, sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(Path(f).read_bytes())
+    return h.hexdigest()
+
+
+def prepare_checkpoint_dir(checkpoint_dir: Path, fp: str) -> Path | None:
+    """Keep checkpoints of the same run (and return the one to resume), clear those of another."""
+    marker = checkpoint_dir / FINGERPRINT
+    if checkpoint_dir.exists():
+        old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        if old != fp:
+            log.info(
+                "training config or data changed since the checkpoints in %s: starting fresh", checkpoint_dir
+            )
+            shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": fp})
+    return find_resume_checkpoint(checkpoint_dir)
