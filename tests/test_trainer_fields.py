@@ -9,20 +9,10 @@ import yaml
 from conftest import REPO
 
 from workflow_scripts import trainer_fields
-from workflow_scripts.config import ConfigError
+from workflow_scripts.config import OWN_PEFT_KEYS, OWN_TRAINING_KEYS, ConfigError
 from workflow_scripts.trainer_fields import allowed_keys, check_max_steps, check_values
 
-OWN = {
-    "training": {
-        "file",
-        "overlength",
-        "early_stopping_patience",
-        "num_processes",
-        "accelerate_config",
-        "fast_path",
-    },
-    "peft": {"file"},
-}
+OWN = {"training": OWN_TRAINING_KEYS, "peft": OWN_PEFT_KEYS}
 
 
 def check(section: str, **values) -> None:
