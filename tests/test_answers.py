@@ -5,8 +5,9 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import with_defaults
 
-from workflow_scripts.common import StageError
+from workflow_scripts.common import Job, StageError
 from workflow_scripts.evaluation import compare as compare_stage
 from workflow_scripts.evaluation.answers import Judgement, is_correct, judge, parse_number
 
@@ -186,7 +187,9 @@ def test_score_records_parsed_answer_and_rule_per_example():
     assert relative["answer_rule"][1] == "relative:0.01"
 
 
-def test_prediction_rows_carry_parsed_answer_and_rule(tmp_path, tiny_model_dir, tiny_tokenizer):
+def test_prediction_rows_carry_parsed_answer_and_rule(
+    tmp_path, tiny_model_dir, tiny_tokenizer, resolved_config
+):
     from workflow_scripts.evaluation import evaluate_model
 
     prompts = [
@@ -197,21 +200,35 @@ def test_prediction_rows_carry_parsed_answer_and_rule(tmp_path, tiny_model_dir, 
     ]
     test = tmp_path / "test.parquet"
     pd.DataFrame({"prompt_text": prompts, "reference": ["The answer is 705.25.", "Yes."]}).to_parquet(test)
-    cfg = {"metrics": ["answer_accuracy"], "max_new_tokens": 4, "batch_size": 2, "answer_tolerance": 0.01}
-    result = evaluate_model.run(
-        str(tiny_model_dir), str(test), str(tmp_path / "e.json"), str(tmp_path / "p.jsonl"), cfg, "base"
+    cfg = with_defaults(
+        "evaluation",
+        {"metrics": ["answer_accuracy"], "max_new_tokens": 4, "batch_size": 2, "answer_tolerance": 0.01},
     )
+
+    def evaluate(settings, name):
+        return evaluate_model.run(
+            Job(
+                input={"model_dir": str(tiny_model_dir), "test": str(test)},
+                output={
+                    "evaluation": str(tmp_path / f"{name}.json"),
+                    "predictions": str(tmp_path / f"{name}.jsonl"),
+                },
+                params={"evaluation": settings, "label": "base"},
+            )
+        )
+
+    result = evaluate(cfg, "p")
     assert result["answer_matching"] == {"mode": "precision", "rel_tol": 0.01}
     rows = [json.loads(x) for x in open(tmp_path / "p.jsonl")]
     assert [r["parsed_reference"] for r in rows] == ["705.25", "yes"]
     for row in rows:
         assert {"parsed_answer", "answer_rule", "correct"} <= set(row)
         assert row["correct"] == judge(row["prediction"], row["reference"]).correct
-    bad = {**cfg, "answer_match": "approximate"}
-    with pytest.raises(StageError, match="answer_match"):
-        evaluate_model.run(
-            str(tiny_model_dir), str(test), str(tmp_path / "x.json"), str(tmp_path / "x.jsonl"), bad, "b"
-        )
+    # an unknown mode never reaches the stage: the schema refuses it when the workflow loads
+    from workflow_scripts.config import ConfigError
+
+    with pytest.raises(ConfigError, match="evaluation.answer_match"):
+        resolved_config({"evaluation": {"answer_match": "approximate"}})
 
 
 def test_compare_counts_unparsed_answers_and_refuses_mixed_matching():
