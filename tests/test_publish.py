@@ -5,6 +5,7 @@ files when they were exported for this model, and no workflow internals."""
 import json
 
 import pytest
+from conftest import with_defaults
 from huggingface_hub import ModelCard
 
 from workflow_scripts.common import Job, StageError
@@ -76,7 +77,7 @@ def job(tmp_path, inputs, hub, dataset=None, export_report=None):
         input=inputs,
         output={"report": str(hub_dir / "push_report.json"), "card": str(hub_dir / "README.md")},
         params={
-            "hub": hub,
+            "hub": with_defaults("hub", hub),  # the section as the rule passes it (defaults filled)
             "dataset": dataset or {"id": "data/sample/finqa_sample.jsonl"},
             "export_report": export_report
             or str(tmp_path / "results" / "default" / "export" / "export_report.json"),
