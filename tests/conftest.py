@@ -231,3 +231,20 @@ def tiny_workflow(workflow_copy, tiny_model_dir, sample_jsonl):
         },
     )
     return workflow_copy, cfg
+
+
+def save_lively_model(path: Path, tok) -> Path:
+    """The tiny Llama for ``tok`` with weights scaled up: its greedy answers are varied text, not
+    one repeated token, so equal answers mean something."""
+    import torch
+
+    model = build_tiny_llama(len(tok), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, build_tiny_llama, build_tokenizer, sample_rows
+from conftest import REPO, build_tokenizer, sample_rows, save_lively_model
 
 from workflow_scripts import chat
 
@@ -22,21 +22,8 @@ MAX_NEW_TOKENS = 24
 
 
 def save_chatty_tiny_model(path: Path) -> Path:
-    """The tiny test model with weights scaled up: its greedy answers are varied text, not one
-    repeated token, so equal answers mean something."""
-    import torch
-
-    tok = build_tokenizer()
-    model = build_tiny_llama(len(tok), seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(8)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """The tiny test model with varied greedy answers (conftest.save_lively_model)."""
+    return save_lively_model(path, build_tokenizer())
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ pytest.importorskip(
     reason="the export extra is not installed (make setup-export, or pip install -e '.[export]')",
 )
 
-from conftest import build_tiny_llama, sample_rows  # noqa: E402
+from conftest import sample_rows, save_lively_model  # noqa: E402
 
 from workflow_scripts.common import Job, StageError  # noqa: E402
 from workflow_scripts.models import export_gguf  # noqa: E402
@@ -39,21 +39,11 @@ def embedded_gguf() -> Path:
 def save_tiny_smollm2(path: Path) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer and chat template (llama.cpp's converter
     recognises its pre-tokenizer), weights scaled so logits and greedy answers vary like a real model's."""
-    import torch
     from transformers import AutoTokenizer
 
     gguf = embedded_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = build_tiny_llama(len(tok), seed=0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.mul_(8)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_lively_model(path, tok)
 
 
 def write_test_split(path: Path, tok, n: int = 8) -> Path:

@@ -14,6 +14,7 @@ import pandas as pd
 
 from workflow_scripts.common import Job, StageError, hf_token, snakemake_main, write_json, write_parquet
 from workflow_scripts.data.sources import (
+    SPLIT_KEYWORDS,
     SPLITS,
     SourceError,
     local_split_files,
@@ -24,19 +25,9 @@ from workflow_scripts.data.sources import (
 
 log = logging.getLogger("snaketune.download_dataset")
 
-# Hub split names understood without `dataset.split_names` (the datasets library's vocabulary).
-HUB_ALIASES = {
-    "train": "train",
-    "training": "train",
-    "validation": "validation",
-    "valid": "validation",
-    "val": "validation",
-    "dev": "validation",
-    "test": "test",
-    "testing": "test",
-    "eval": "test",
-    "evaluation": "test",
-}
+# Hub split names understood without `dataset.split_names`: the datasets library's vocabulary,
+# the same table that names local split files.
+HUB_ALIASES = {word: split for split, words in SPLIT_KEYWORDS.items() for word in words}
 
 
 def _sha256(path: str) -> str:
