@@ -127,7 +127,8 @@ def run_side(
 
     from workflow_scripts.config import load_and_resolve, model_dir
     from workflow_scripts.experiments import expand
-    from workflow_scripts.training.train import bf16_is_fast, build_trainer
+    from workflow_scripts.models.loading import bf16_is_fast
+    from workflow_scripts.training.train import build_trainer
 
     torch.set_num_threads(threads)
     override = dict(override or {})

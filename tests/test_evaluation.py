@@ -283,3 +283,115 @@ def test_evaluate_model_writes_metrics_and_predictions(tmp_path, tiny_model_dir,
     assert len(rows) == 5 and {"prompt", "reference", "prediction", "extracted_answer", "correct"} <= set(
         rows[0]
     )
+
+
+def _eval_prompts(tokenizer, questions):
+    return [
+        tokenizer.apply_chat_template(
+            [
+                {"role": "system", "content": "Answer the question about the table."},
+                {"role": "user", "content": q},
+            ],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for q in questions
+    ]
+
+
+def test_long_uneven_prompts_prefill_apart_and_decode_together(tiny_model_dir, tiny_tokenizer):
+    """FinQA-length prompts of many lengths: prefilled in equal-length groups (no padding), their
+    caches merged for batched decoding, with and without the shared prefix, past the KV reserve."""
+    from workflow_scripts.evaluation.generate import generate, prefill_groups
+    from workflow_scripts.models.loading import load_model
+
+    model = load_model(tiny_model_dir)
+    filing = "Revenue increased 12% in 2019 compared with 2018, primarily due to higher volumes. "
+    prompts = _eval_prompts(
+        tiny_tokenizer,
+        [filing * k + f"Table: | a | {k} |\nQuestion: what was a?" for k in (1, 9, 4, 4, 14, 2, 7)],
+    )
+    lengths = [len(tiny_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len(prefill_groups(lengths)) > 1 and max(lengths) > 150
+    single = generate(model, tiny_tokenizer, prompts, settings_of(max_new_tokens=16, batch_size=1), False)
+    for share in (True, False):
+        s = settings_of(max_new_tokens=16, batch_size=8, share_prefix=share)
+        batched = generate(model, tiny_tokenizer, prompts, s, False)
+        assert batched["token_ids"] == single["token_ids"]
+        assert batched["path"]["prefill"] == "length groups, merged"
+
+
+def test_prefill_groups_trade_padding_against_forwards():
+    from workflow_scripts.evaluation.generate import prefill_groups
+
+    lengths = [100, 700, 102, 400, 101, 705]
+    # padding of a few tokens is cheaper than a forward; hundreds of tokens are not
+    assert prefill_groups(lengths, forward_tokens=48) == [[0, 4, 2], [3], [1, 5]]
+    assert prefill_groups(lengths, forward_tokens=0) == [[0], [4], [2], [3], [1], [5]]
+    assert prefill_groups(lengths, forward_tokens=10**6) == [[0, 4, 2, 3, 1, 5]]
+    assert prefill_groups([]) == []
+
+
+def test_reserved_cache_layer_grows_and_selects_rows():
+    import torch
+
+    from workflow_scripts.evaluation.generate import ReservedLayer
+
+    layer = ReservedLayer(reserve=2)
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float32).reshape(2, 1, 3, 2)
+    keys, _ = layer.update(k, -k)
+    assert torch.equal(keys, k) and layer.get_seq_length() == 3
+    for step in range(4):  # two steps fit the reserve, two more grow it
+        new = torch.full((2, 1, 1, 2), float(step))
+        keys, values = layer.update(new, -new)
+    assert (
+        keys.shape == (2, 1, 7, 2)
+        and torch.equal(keys[:, :, :3], k)
+        and torch.equal(values[:, :, 3:], -keys[:, :, 3:])
+    )
+    layer.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(layer.keys[0, :, :3], k[1]) and layer.get_seq_length() == 7
+
+
+def test_evaluation_records_dtype_path_and_bf16_agreement(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from workflow_scripts.evaluation import evaluate_model
+
+    test = tmp_path / "test.parquet"
+    prompts = _eval_prompts(tiny_tokenizer, ["What was revenue in 2019?", "Sum?", "Table: | a | 1 |", "x"])
+    pd.DataFrame({"prompt_text": prompts, "reference": ["The answer is 3."] * 4}).to_parquet(test)
+
+    def evaluate(**values):
+        cfg = {"metrics": ["answer_accuracy"], "max_new_tokens": 8, "batch_size": 4, **values}
+        return evaluate_model.run(
+            Job(
+                input={"model_dir": str(tiny_model_dir), "test": str(test)},
+                output={"evaluation": str(tmp_path / "e.json"), "predictions": str(tmp_path / "p.jsonl")},
+                params={"evaluation": with_defaults("evaluation", cfg), "label": "base"},
+            )
+        )
+
+    bf16 = evaluate(dtype="bfloat16", dtype_check_examples=3)["generation"]
+    assert bf16["dtype"] == "bfloat16" and bf16["dtype_setting"] == "bfloat16"
+    agreement = bf16["dtype_agreement"]
+    assert agreement["reference"] == "float32" and agreement["examples"] == 3
+    assert 0 <= agreement["identical"] <= 3 and 0.0 <= agreement["mean_agreeing_prefix"] <= 1.0
+    assert agreement["identical_rate"] == agreement["identical"] / 3
+    assert json.loads((tmp_path / "e.json").read_text())["generation"]["dtype_agreement"] == agreement
+    fp32 = evaluate(dtype="float32")["generation"]
+    assert fp32["dtype"] == "float32" and fp32["dtype_agreement"] is None
+    assert fp32["path"]["generator"] == "snaketune" and fp32["path"]["batches"] == 1
+    assert evaluate(dtype="bfloat16", dtype_check_examples=0)["generation"]["dtype_agreement"] is None
+
+
+def test_auto_dtype_follows_the_measured_bf16_speed(monkeypatch):
+    import torch
+
+    from workflow_scripts.models import loading
+
+    fast, sec16, sec32 = loading.bf16_speed("cpu")  # measured on this machine
+    assert sec16 > 0 and sec32 > 0 and fast == (sec16 < 0.8 * sec32)
+    monkeypatch.setattr(loading, "bf16_speed", lambda device: (True, 0.001, 0.002))
+    assert loading.resolve_dtype("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(loading, "bf16_speed", lambda device: (False, 0.1, 0.002))
+    assert loading.resolve_dtype("auto", "cpu") == torch.float32
+    assert loading.resolve_dtype("float32", "cuda") == torch.float32

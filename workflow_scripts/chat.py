@@ -16,7 +16,6 @@ generated. Interactive commands: /reset (forget the conversation), /exit (or Ctr
 """
 
 import argparse
-import inspect
 import json
 import os
 import sys
@@ -162,12 +161,11 @@ def load(model_path: Path, dtype_name: str | None):
     """(model, tokenizer, render(messages) -> prompt text) of a deployment model folder or GGUF file."""
     check_model_path(model_path)
     _quiet()
-    import torch
 
-    from workflow_scripts.models.loading import resolve_dtype
+    from workflow_scripts.models.loading import resolve_dtype, torch_device
 
-    dtype = resolve_dtype(dtype_name)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch_device()
+    dtype = resolve_dtype(dtype_name, device)
     try:
         if model_path.is_file():
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -200,19 +198,17 @@ def load(model_path: Path, dtype_name: str | None):
     return model, tok, render
 
 
-def _cache_kwarg(model) -> str:
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def stream_tokens(model, prompt_ids: list[int], stop_ids: list[int], settings):
     """Yield generated token ids one at a time (the stop token excluded). Greedy decoding computes
     exactly what the evaluation's generate_batch does for a single prompt."""
     import torch
     from transformers import DynamicCache
 
-    params = inspect.signature(model.forward).parameters
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-    cache_kw = _cache_kwarg(model)
+    from workflow_scripts.models.families import family_of
+
+    family = family_of(model.config)
+    last_only = family.last_logits_kwargs(model)
+    cache_kw = family.cache_kwarg(model)
     device = model.device
     gen = torch.Generator(device=device).manual_seed(settings.seed) if settings.do_sample else None
     stop = set(stop_ids)

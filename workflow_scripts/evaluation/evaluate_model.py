@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from workflow_scripts.common import (
     EmbeddedModel,
@@ -28,7 +29,13 @@ from workflow_scripts.common import (
 )
 from workflow_scripts.evaluation.answers import final_segment
 from workflow_scripts.evaluation.generate import GenerationSettings, generate
-from workflow_scripts.models.loading import load_model, load_tokenizer, resolve_dtype, torch_device
+from workflow_scripts.models.loading import (
+    dtype_name,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    torch_device,
+)
 
 log = logging.getLogger("snaketune.evaluate")
 
@@ -107,6 +114,35 @@ def score(predictions: list[str], references: list[str], cfg: dict) -> tuple[dic
     return metrics, per_example
 
 
+def dtype_agreement(
+    model_dir, tok, prompts: list[str], outputs: list[list[int]], settings, cfg, dtype, device
+):
+    """How far greedy outputs in a reduced-precision dtype agree with fp32 on the first
+    `dtype_check_examples` prompts; None where generation ran in fp32, sampled, or the check is off."""
+    n = min(cfg["dtype_check_examples"], len(prompts))
+    if dtype == torch.float32 or settings.do_sample or n == 0:
+        return None
+    log.info("checking %s against float32 on %d prompts", dtype_name(dtype), n)
+    reference = generate(
+        load_model(model_dir, dtype=torch.float32, device=device), tok, prompts[:n], settings, progress=False
+    )["token_ids"]
+    shared = []
+    for a, b in zip(outputs[:n], reference, strict=True):
+        k = 0
+        while k < min(len(a), len(b)) and a[k] == b[k]:
+            k += 1
+        shared.append(k / max(len(a), len(b), 1))
+    identical = sum(a == b for a, b in zip(outputs[:n], reference, strict=True))
+    return {
+        "reference": "float32",
+        "examples": n,
+        "identical": identical,
+        "identical_rate": identical / n,
+        # the share of each output's tokens before it first differs from fp32's, averaged
+        "mean_agreeing_prefix": sum(shared) / n,
+    }
+
+
 def run(job: Job) -> dict:
     cfg, model_dir, label = job.params.evaluation, job.input.model_dir, job.params.label
     set_threads(job.threads)
@@ -120,7 +156,9 @@ def run(job: Job) -> dict:
     tok = load_tokenizer(model_dir)
     settings = GenerationSettings.from_config(cfg)
     log.info("evaluating %s on %d prompts with %s", label, len(frame), settings)
-    gen = generate(model, tok, frame["prompt_text"].tolist(), settings)
+    prompts = frame["prompt_text"].tolist()
+    gen = generate(model, tok, prompts, settings)
+    agreement = dtype_agreement(model_dir, tok, prompts, gen["token_ids"], settings, cfg, dtype, device)
     predictions, references = gen["texts"], frame["reference"].tolist()
     metrics, per_example = score(predictions, references, cfg)
     metrics["mean_generated_tokens"] = gen["generated_tokens"] / len(frame)
@@ -134,7 +172,14 @@ def run(job: Job) -> dict:
         "metrics": metrics,
         "answer_accuracy": metrics.get("answer_accuracy"),
         "answer_matching": answer_matching(cfg) if "answer_accuracy" in cfg["metrics"] else None,
-        "generation": {**settings.__dict__, "dtype": str(dtype).replace("torch.", ""), "device": device},
+        "generation": {
+            **settings.__dict__,
+            "dtype": dtype_name(dtype),
+            "dtype_setting": cfg["dtype"],
+            "device": device,
+            "path": gen["path"],
+            "dtype_agreement": agreement,
+        },
         "timings": {"generation_s": round(gen["seconds"], 2), "total_s": round(time.perf_counter() - t0, 2)},
     }
     rows = []

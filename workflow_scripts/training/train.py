@@ -17,7 +17,13 @@ import torch
 from workflow_scripts.common import Job, StageError, atomic_path, set_threads, snakemake_main, write_json
 from workflow_scripts.config import lora_kwargs, trainer_kwargs
 from workflow_scripts.models.families import ModelFamily, family_of
-from workflow_scripts.models.loading import load_chat_formatter, load_model, load_tokenizer, torch_device
+from workflow_scripts.models.loading import (
+    bf16_is_fast,
+    load_chat_formatter,
+    load_model,
+    load_tokenizer,
+    torch_device,
+)
 from workflow_scripts.training import launch
 from workflow_scripts.training.checkpoints import (
     checkpoint_step,
@@ -147,23 +153,6 @@ def mean_logged_loss(log_history: list[dict]) -> float:
 
 
 # ---------------------------------------------------------------- set-up
-def bf16_is_fast(device: str) -> bool:
-    """bf16 where the hardware runs it fast: CUDA with bf16, or a CPU whose bf16 matmul beats fp32."""
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    a32, b32 = torch.randn(512, 512), torch.randn(512, 512)
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
-
-    def timed(a, b):
-        a @ b
-        t = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        return time.perf_counter() - t
-
-    return timed(a16, b16) < 0.8 * timed(a32, b32)
-
-
 def lora_config_for(model, peft_cfg: dict, family: ModelFamily):
     """The LoraConfig of the `peft` section, on the Linear layers the model's family allows."""
     from peft import LoraConfig
