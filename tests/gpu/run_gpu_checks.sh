@@ -88,8 +88,8 @@ for model in smollm2-135m gemma3-270m; do
         --steps 8 --warmup 3 --batch-size 16 --threads 8 --json "$OUT_DIR/bench_train_$model.json"
 done
 for model in smollm2-135m gemma3-270m; do
-    bench "bench_generate_$model" 180 "$PY" benchmarks/bench_generate.py --device cuda \
-        --model-config "$model" --n 16 --max-new-tokens 64 --threads 8 \
+    bench "bench_generate_$model" 300 "$PY" benchmarks/bench_generate.py --device cuda \
+        --model-config "$model" --n 16 --long-n 16 --max-new-tokens 64 --threads 8 \
         --json "$OUT_DIR/bench_generate_$model.json"
 done
 
