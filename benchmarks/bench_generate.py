@@ -54,6 +54,7 @@ from workflow_scripts.evaluation.generate import GenerationSettings, eos_ids, ge
 from workflow_scripts.experiments import expand  # noqa: E402
 from workflow_scripts.models.loading import (  # noqa: E402
     bf16_speed,
+    dtype_name,
     load_model,
     load_tokenizer,
     resolve_dtype,
@@ -247,10 +248,11 @@ def main() -> None:
     else:
         model_dir = Path(args.model) if args.model else REPO / base_model_dir(cfg["model"])
         test = REPO / expand(cfg)[0].formatted / "test.parquet"
+    if args.model and not model_dir.is_dir():
+        sys.exit(f"--model: {model_dir} is not a model folder")
     if not model_dir.is_dir() or not test.is_file():
-        sys.exit(
-            "run `snakemake --cores 2 --until format_dataset` first (needs the base model and formatted test split)"
-        )
+        missing = test if model_dir.is_dir() else model_dir
+        sys.exit(f"{missing} is missing: run `snakemake --cores 2 --until format_dataset` first")
     sets = args.sets.split(",")
     unknown = set(sets) - {"sample", "long"}
     if unknown:
@@ -266,7 +268,7 @@ def main() -> None:
     settings = GenerationSettings.from_config(
         {**ev, "max_new_tokens": args.max_new_tokens or ev["max_new_tokens"]}
     )
-    print(f"dtype: {str(dtype).replace('torch.', '')} (every side); model: {model_dir.name}")
+    print(f"dtype: {dtype_name(dtype)} (every side); model: {model_dir.name}")
     all_prompts = pd.read_parquet(test)["prompt_text"].tolist()
     results = {}
     for name in sets:

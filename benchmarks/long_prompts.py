@@ -67,12 +67,12 @@ def lengthen(prompt: str, target: int, count, rng: random.Random) -> str:
     """`prompt` with paragraphs before its table and before its question, ~`target` tokens long."""
     if TABLE_MARK not in prompt or QUESTION_MARK not in prompt:
         raise ValueError(f"not a sample prompt (no {TABLE_MARK!r} or question): {prompt[:80]!r}")
+    head, rest = prompt.split(TABLE_MARK, 1)
+    table, question = rest.split(QUESTION_MARK, 1)
     before, after = [], []
     text = prompt
     while count(text) < target:
         (before if rng.random() < 0.6 else after).append(sentence(rng))
-        head, rest = prompt.split(TABLE_MARK, 1)
-        table, question = rest.split(QUESTION_MARK, 1)
         text = (
             f"{head}{' '.join(before)}\n\n{TABLE_MARK}{table}\n\n{' '.join(after)}{QUESTION_MARK}{question}"
         )

@@ -1,10 +1,12 @@
-"""Fast batched generation: length-sorted, left-padded batches, finished rows dropped early.
+"""Fast batched generation: length-sorted batches, prefill without most padding, rows dropped early.
 
-Plain ``model.generate`` keeps every row of a batch until the longest one finishes, so one
-rambling answer makes the whole batch decode to ``max_new_tokens``. Here a row leaves the
-batch (and its KV cache is sliced away) the step it emits EOS, and prompts are sorted by
-length so a batch holds little padding. Position ids follow the attention mask, so greedy
-outputs equal one-prompt-at-a-time generation (tested).
+Plain ``model.generate`` pads every prompt of a batch to the longest one and keeps every row
+until the longest answer finishes. Here prompts are sorted by length into batches; the prefix
+all prompts of a batch share is encoded once; on a CPU, prompts of similar length are prefilled
+together (prefill_groups) and their caches merged, left-padded, for decoding together; the KV
+cache reserves room for the whole generation (ReservedLayer); and a row leaves the batch (and its
+KV cache) the step it emits EOS. Position ids follow the attention mask, so greedy outputs equal
+one-prompt-at-a-time generation (tested).
 """
 
 import logging
@@ -215,9 +217,12 @@ def generate_batch(
     s: GenerationSettings,
     gen=None,
     family: ModelFamily | None = None,
+    split: bool | None = None,
 ):
-    """Token ids generated for each prompt (EOS excluded)."""
+    """Token ids generated for each prompt (EOS excluded). `split`: prefill in length groups
+    (default: where split_prefill allows it)."""
     family = family or family_of(model.config)
+    split = split_prefill(model, family) if split is None else split
     device = model.device
     n = len(prompts)
     cache_arg, extra = family.cache_kwarg(model), {"use_cache": True, **family.last_logits_kwargs(model)}
@@ -243,7 +248,6 @@ def generate_batch(
     # full-attention caches can be merged; a sliding window (or any other layer kind) prefills the
     # batch as one, padded, as does a GPU.
     parts = []
-    split = split_prefill(model, family)
     for rows in prefill_groups([len(x) for x in suffixes]) if split else [list(range(n))]:
         if prefix_cache is None:
             cache = new_cache(model, s.max_new_tokens)
@@ -323,6 +327,7 @@ def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progres
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
     window = family.sliding_window(model.config)
     batches = make_batches([len(e) for e in encoded], s.batch_size, s.max_new_tokens, window)
+    split = split_prefill(model, family)
     stop_ids = eos_ids(model, tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
     gen = torch.Generator(device=model.device).manual_seed(s.seed) if s.do_sample else None
@@ -332,7 +337,7 @@ def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progres
     for batch in batches:
         for i, ids in zip(
             batch,
-            generate_batch(model, [encoded[i] for i in batch], pad_id, stop_ids, s, gen, family),
+            generate_batch(model, [encoded[i] for i in batch], pad_id, stop_ids, s, gen, family, split),
             strict=True,
         ):
             outputs[i] = ids
@@ -343,7 +348,7 @@ def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progres
     return {
         "path": {
             "generator": "snaketune",
-            "prefill": "length groups, merged" if split_prefill(model, family) else "one padded batch",
+            "prefill": "length groups, merged" if split else "one padded batch",
             "shared_prefix": s.share_prefix,
             "batches": len(batches),
         },
