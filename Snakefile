@@ -10,7 +10,7 @@ min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)  # workflow_scripts, also without `pip install -e .`
 from workflow_scripts.config import ConfigError, resolve  # noqa: E402
-from workflow_scripts.experiments import expand  # noqa: E402
+from workflow_scripts import experiments  # noqa: E402
 
 
 configfile: "config.yaml"
@@ -21,7 +21,7 @@ report: "rules/report/workflow.rst"
 
 try:
     resolve(config, workflow.basedir, validate, user=workflow.config_settings.overwrite_config)
-    EXPERIMENT_LIST = expand(config)  # one, or one per sweep point, each validated
+    EXPERIMENT_LIST = experiments.expand(config)  # one, or one per sweep point, each validated
 except ConfigError as exc:
     raise WorkflowError(f"Invalid configuration: {exc}") from None
 
@@ -29,6 +29,7 @@ except ConfigError as exc:
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/model.smk"
+include: "rules/general.smk"
 include: "rules/evaluate.smk"
 include: "rules/publish.smk"
 include: "rules/sweep.smk"

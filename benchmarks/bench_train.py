@@ -125,8 +125,8 @@ def run_side(
     import pandas as pd
     import torch
 
-    from workflow_scripts.config import load_and_resolve, model_dir
-    from workflow_scripts.experiments import expand
+    from workflow_scripts.config import load_and_resolve
+    from workflow_scripts.experiments import expand, model_dir
     from workflow_scripts.models.loading import bf16_is_fast
     from workflow_scripts.training.train import build_trainer
 
@@ -175,7 +175,7 @@ def run_side(
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
-        from workflow_scripts.config import lora_kwargs
+        from workflow_scripts.trainer_fields import lora_kwargs
 
         rows = []
         for messages in frame["messages"]:

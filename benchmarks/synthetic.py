@@ -138,8 +138,8 @@ def random_model_dir(config_file: Path, device: str = "cpu", seed: int = 0) -> P
 
 def formatted_sample(cfg: dict, model_dir: Path) -> Path:
     """train/validation/test parquet of the sample, through the workflow's own data stages."""
-    from workflow_scripts.common import Job
     from workflow_scripts.data import download_dataset, format_dataset, preprocess_dataset
+    from workflow_scripts.stage import Job
 
     splits = ("train", "validation", "test")
     key = hashlib.sha256(

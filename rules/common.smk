@@ -1,40 +1,52 @@
 # The experiments of this invocation and the paths of every artifact (workflow_scripts/experiments.py
 # decides them). Shared artifacts are one job per distinct config (a wildcard per kind of folder);
 # an experiment's own artifacts are one job per experiment ({experiment} wildcard).
-import re
 
-EXPERIMENTS = {e.name: e for e in EXPERIMENT_LIST}
 SWEEP = config["sweep"]
 # The experiment single-experiment targets (push_to_hub, export_gguf) work on.
-PRIMARY = next(iter(EXPERIMENTS.values()))
+PRIMARY = EXPERIMENT_LIST[0]
 RESULTS = PRIMARY.root
 SHARED = "results/shared"
 ENV = "../envs/snaketune.yaml"
 
 
-def _by_folder(attr):
-    return {getattr(e, attr).rsplit("/", 1)[1]: e for e in EXPERIMENTS.values()}
+class Registry(dict):
+    """name -> experiment; a name the config does not give (a path asked for by hand) is one
+    clear error, not a KeyError inside an input function."""
+
+    def __init__(self, kind, items):
+        super().__init__(items)
+        self.kind = kind
+
+    def __missing__(self, name):
+        raise WorkflowError(f"{self.kind} {name!r} belongs to no experiment of this config")
 
 
+def _by_folder(attr, kind):
+    return Registry(kind, {getattr(e, attr).rsplit("/", 1)[1]: e for e in EXPERIMENTS.values()})
+
+
+EXPERIMENTS = Registry("experiment", ((e.name, e) for e in EXPERIMENT_LIST))
 # folder name -> one experiment that needs it (all that need it agree on its config)
-DATA = _by_folder("data")
-PREPROCESSED = _by_folder("preprocessed")
-BASE_MODELS = _by_folder("base_model")
-FORMATTED = _by_folder("formatted")
-BASE_EVALS = _by_folder("base_eval")
+DATA = _by_folder("data", "dataset folder")
+PREPROCESSED = _by_folder("preprocessed", "preprocessed folder")
+BASE_MODELS = _by_folder("base_model", "base model folder")
+FORMATTED = _by_folder("formatted", "formatted folder")
+BASE_EVALS = _by_folder("base_eval", "base evaluation folder")
 
-
-def _one_of(names):
-    return "|".join(re.escape(n) for n in sorted(names))
+# The shape of each kind of name, not the list of names: an alternation of every name is copied
+# into every path pattern, and made a 1,000-point dry run 22 s instead of 14 s
+# (benchmarks/README.md).
+from workflow_scripts.experiments import SHARED_FOLDER_RE as FOLDER_RE, experiment_name_re
 
 
 wildcard_constraints:
-    experiment=_one_of(EXPERIMENTS),
-    data=_one_of(DATA),
-    prep=_one_of(PREPROCESSED),
-    model=_one_of(BASE_MODELS),
-    fmt=_one_of(FORMATTED),
-    base_eval=_one_of(BASE_EVALS),
+    experiment=experiment_name_re(config),
+    data=FOLDER_RE,
+    prep=FOLDER_RE,
+    model=FOLDER_RE,
+    fmt=FOLDER_RE,
+    base_eval=FOLDER_RE,
 
 
 def exp(wildcards):
@@ -107,17 +119,18 @@ def resources_for(group, gpu=False):
 
 
 def format_params(wildcards):
-    """The two training keys format_dataset reads (so other training edits leave it alone)."""
-    t = FORMATTED[wildcards.fmt].config["training"]
-    return {"max_length": t["max_length"], "overlength": t["overlength"]}
+    """The training keys format_dataset reads (so other training edits leave it alone)."""
+    from workflow_scripts.experiments import format_settings
+
+    return format_settings(FORMATTED[wildcards.fmt].config)
 
 
 def eval_settings(wildcards):
     """The evaluation section minus what only compare reads (those never re-run an evaluation)."""
-    from workflow_scripts.experiments import COMPARE_ONLY
+    from workflow_scripts.experiments import evaluation_settings
 
     e = BASE_EVALS[wildcards.base_eval] if hasattr(wildcards, "base_eval") else exp(wildcards)
-    return {k: v for k, v in e.config["evaluation"].items() if k not in COMPARE_ONLY}
+    return evaluation_settings(e.config)
 
 
 # Input functions: the upstream folder of a job, looked up from the experiment it belongs to.
@@ -147,3 +160,33 @@ def base_model_of(wildcards):
 
 
 ALL_TARGETS = []
+
+
+# General ability (rules/general.smk)
+from workflow_scripts.evaluation.general_items import local_data_files, looks_local
+from workflow_scripts.experiments import general_settings
+
+# folder name -> one experiment that needs it (all that need it agree on its config)
+GENERAL_BASES = Registry(
+    "general-ability base folder",
+    {e.general_base.rsplit("/", 1)[1]: e for e in EXPERIMENTS.values() if e.general_base},
+)
+
+
+def general_task_files(experiment):
+    """Every file of the local lm-eval task folders: editing one re-measures both models."""
+    specs = experiment.config["general_ability"]["tasks"]
+    return sorted({f for spec in specs if looks_local(spec) for f in local_data_files(spec)})
+
+
+def general_inputs(wildcards):
+    """compare's general-ability inputs; none when general_ability is off."""
+    e = exp(wildcards)
+    if not e.general_base:
+        return {}
+    return {
+        "general_base": f"{e.general_base}/general_ability.json",
+        "general_base_items": f"{e.general_base}/general_items.jsonl",
+        "general_finetuned": f"{e.root}/evaluation/general_ability.json",
+        "general_finetuned_items": f"{e.root}/evaluation/general_items.jsonl",
+    }

@@ -75,3 +75,19 @@ rule format_dataset:
         ENV
     script:
         "../workflow_scripts/data/format_dataset.py"
+
+
+rule validation_prompts:
+    input:
+        validation=f"{SHARED}/formatted/{{fmt}}/validation.parquet",
+    output:
+        prompts=f"{SHARED}/formatted/{{fmt}}/validation_prompts.parquet",
+    log:
+        log_of("validation_prompts", "fmt"),
+    threads: 1
+    resources:
+        **resources_for("data"),
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/data/validation_prompts.py"

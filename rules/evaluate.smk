@@ -5,7 +5,7 @@
 rule eval_base:
     input:
         model_dir=lambda w: BASE_EVALS[w.base_eval].base_model,
-        test=lambda w: f"{BASE_EVALS[w.base_eval].formatted}/test.parquet",
+        prompts=lambda w: f"{BASE_EVALS[w.base_eval].formatted}/test.parquet",
     output:
         evaluation=f"{SHARED}/eval_base/{{base_eval}}/base_model_evaluation.json",
         predictions=f"{SHARED}/eval_base/{{base_eval}}/base_predictions.jsonl",
@@ -28,7 +28,7 @@ rule eval_base:
 rule eval_finetuned:
     input:
         model_dir=rules.merge.output.deployment_dir,
-        test=formatted_of("test"),
+        prompts=formatted_of("test"),
     output:
         evaluation=exp_path("evaluation/finetuned_model_evaluation.json"),
         predictions=exp_path("evaluation/finetuned_predictions.jsonl"),
@@ -50,6 +50,7 @@ rule eval_finetuned:
 
 rule compare:
     input:
+        unpack(general_inputs),  # general ability (rules/general.smk), when general_ability is on
         base=base_eval_of("base_model_evaluation.json"),
         finetuned=rules.eval_finetuned.output.evaluation,
         base_predictions=base_eval_of("base_predictions.jsonl"),
@@ -79,6 +80,7 @@ rule compare:
         ),
     params:
         evaluation=setting("evaluation"),
+        general=setting("general_ability"),
     log:
         log_of("compare"),
     benchmark:

@@ -7,9 +7,9 @@ rule prepare_base_model:
     params:
         model=setting("model", BASE_MODELS, "model"),
     log:
-        "models/{model}.log",
+        log_of("prepare_base_model", "model"),
     benchmark:
-        "models/{model}.benchmark.tsv"
+        bench_of("prepare_base_model", "model")
     threads: config["resources"]["threads"]
     resources:
         **resources_for("model"),

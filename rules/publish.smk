@@ -4,7 +4,7 @@
 #   snakemake --cores 1 push_to_hub --config 'hub={repo_id: me/model}'
 from pathlib import PurePosixPath
 
-from workflow_scripts.config import model_name
+from workflow_scripts.experiments import model_name
 
 # The GGUF files' stem: `export.name`, else {model name}-{experiment}.
 EXPORT_NAME = (

@@ -2,26 +2,10 @@
 # metric) each point's evaluation on the validation split. The test split never picks the winner.
 
 
-rule validation_prompts:
-    input:
-        validation=f"{SHARED}/formatted/{{fmt}}/validation.parquet",
-    output:
-        prompts=f"{SHARED}/formatted/{{fmt}}/validation_prompts.parquet",
-    log:
-        log_of("validation_prompts", "fmt"),
-    threads: 1
-    resources:
-        **resources_for("data"),
-    conda:
-        ENV
-    script:
-        "../workflow_scripts/data/validation_prompts.py"
-
-
 rule eval_validation:
     input:
         model_dir=rules.merge.output.deployment_dir,
-        test=lambda w: f"{exp(w).formatted}/validation_prompts.parquet",
+        prompts=lambda w: f"{exp(w).formatted}/validation_prompts.parquet",
     output:
         evaluation=exp_path("evaluation/validation_evaluation.json"),
         predictions=exp_path("evaluation/validation_predictions.jsonl"),
@@ -80,6 +64,7 @@ if SWEEP:
             points=POINTS,
             sweep=SWEEP,
             evaluation=config["evaluation"],
+            general=config["general_ability"],  # tolerance / exclude_from_winning (rules/general.smk)
         log:
             f"{SWEEP_DIR}/logs/leaderboard.log",
         threads: 1

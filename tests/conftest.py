@@ -1,9 +1,14 @@
-"""Shared fixtures: a tiny tokenizer and tiny randomly initialised models, built in code."""
+"""Shared fixtures: a tiny tokenizer and tiny randomly initialised models, built in code; Snakemake
+runs of the workflow (``smk``, ``planned_rules``); and the tiny workflow's data stages run once per
+session (``tiny_formatted``), each test getting its own copy of the finished run."""
 
 import copy
+import hashlib
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,9 +103,10 @@ def tiny_tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
-@pytest.fixture
-def sample_jsonl(tmp_path) -> Path:
-    path = tmp_path / "sample.jsonl"
+@pytest.fixture(scope="session")
+def sample_jsonl(tmp_path_factory) -> Path:
+    """120 sample rows as a JSONL file (read only: tests that change data write their own)."""
+    path = tmp_path_factory.mktemp("sample") / "sample.jsonl"
     with path.open("w") as f:
         for row in sample_rows(120):
             f.write(json.dumps(row) + "\n")
@@ -121,7 +127,7 @@ def with_defaults(section: str, values: dict | None = None) -> dict:
 def train_job(out: Path, formatted: dict, model_dir, training: dict, peft: dict):
     """The train rule's Job, writing under ``out``, its config sections completed with the
     schema's defaults."""
-    from workflow_scripts.common import Job
+    from workflow_scripts.stage import Job
 
     return Job(
         input={
@@ -149,7 +155,7 @@ def train_job(out: Path, formatted: dict, model_dir, training: dict, peft: dict)
 
 def merge_job(model_dir, trained, test: str, deployment_dir: Path):
     """The merge rule's Job for the adapter ``trained`` wrote."""
-    from workflow_scripts.common import Job
+    from workflow_scripts.stage import Job
 
     return Job(
         input={
@@ -173,11 +179,9 @@ def resolved_config():
     return make
 
 
-@pytest.fixture
-def workflow_copy(tmp_path):
-    """A copy of the workflow in a temporary folder, so runs do not touch the checkout's results/."""
-    dest = tmp_path / "wf"
-    dest.mkdir()
+def new_workflow(dest: Path) -> Path:
+    """A copy of the workflow at ``dest``, so runs do not touch the checkout's results/."""
+    dest.mkdir(parents=True)
     for name in ("Snakefile", "config.yaml"):
         shutil.copy(REPO / name, dest / name)
     for name in ("rules", "schemas", "envs", "profiles"):
@@ -185,6 +189,67 @@ def workflow_copy(tmp_path):
     (dest / "workflow_scripts").symlink_to(REPO / "workflow_scripts")
     (dest / "data").symlink_to(REPO / "data")
     return dest
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    """A copy of a workflow folder after a run (results/, models/, .snakemake/ and the config files,
+    modification times kept), so a test can go on from a shared finished run without changing it."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture
+def workflow_copy(tmp_path):
+    """A fresh copy of the workflow in a temporary folder (nothing run yet)."""
+    return new_workflow(tmp_path / "wf")
+
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake_env() -> dict[str, str]:
+    # the user's MODEL_ID / DATASET would override the test configs
+    return {k: v for k, v in os.environ.items() if k not in ("MODEL_ID", "DATASET")}
+
+
+def smk(workdir: Path, *args, check=True, timeout=1200) -> subprocess.CompletedProcess:
+    """``snakemake --cores 2 *args`` in ``workdir``; with ``check``, a failure shows the end of its output."""
+    proc = subprocess.run(
+        [*SNAKEMAKE, "--cores", "2", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=snakemake_env(),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def tree_digest(root: Path, skip=("results", "models", ".snakemake")) -> str:
+    """Names, sizes and mtimes of everything outside results/, models/ and .snakemake/."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if rel.parts[0] in skip or p.is_symlink():
+            continue
+        st = p.stat()
+        h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def planned_rules(workdir: Path, target: str, *configfiles: Path) -> set[str]:
+    """The rules `snakemake -n` would run for ``target`` (a path, "all", or a rule name)."""
+    # a stage and what it needs: `--until <rule>` (rules with wildcards cannot be targets by name)
+    goal = [target] if target == "all" or "/" in target else ["--until", target]
+    args = ["-n", *goal, "--configfile", *map(str, configfiles)]  # one flag: a repeated flag replaces
+    out = smk(workdir, *args).stdout
+    if "Nothing to be done" in out:
+        return set()
+    return set(re.findall(r"^rule (\w+):", out, flags=re.M)) - {"all"}
 
 
 def write_formatted(tmp_path: Path, formatter, tok, n_train: int = 24, n_eval: int = 8) -> dict[str, str]:
@@ -219,18 +284,41 @@ def write_config(path: Path, data: dict) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_workflow(workflow_copy, tiny_model_dir, sample_jsonl):
-    cfg = write_config(
-        workflow_copy / "tiny.yaml",
+def tiny_config(wf: Path, model_dir: Path, sample: Path) -> Path:
+    """tiny.yaml: the tiny model on the sample rows, everything else the defaults."""
+    return write_config(
+        wf / "tiny.yaml",
         {
             "experiment": "tiny",
-            "model": {"id": str(tiny_model_dir), "name": "tiny"},
-            "dataset": {"id": str(sample_jsonl)},
+            "model": {"id": str(model_dir), "name": "tiny"},
+            "dataset": {"id": str(sample)},
             "wandb": {"mode": "disabled"},
         },
     )
-    return workflow_copy, cfg
+
+
+@pytest.fixture
+def tiny_workflow(workflow_copy, tiny_model_dir, sample_jsonl):
+    """A fresh workflow copy and its tiny.yaml (nothing run yet)."""
+    return workflow_copy, tiny_config(workflow_copy, tiny_model_dir, sample_jsonl)
+
+
+@pytest.fixture(scope="session")
+def tiny_formatted_run(tmp_path_factory, tiny_model_dir, sample_jsonl):
+    """The tiny workflow after `--until format_dataset` (download, preprocess, prepare_base_model,
+    format): run once per session. Tests take a copy (``tiny_formatted``), never this folder."""
+    wf = new_workflow(tmp_path_factory.mktemp("tiny-formatted") / "wf")
+    cfg = tiny_config(wf, tiny_model_dir, sample_jsonl)
+    smk(wf, "--until", "format_dataset", "--configfile", str(cfg))
+    return wf, cfg
+
+
+@pytest.fixture
+def tiny_formatted(tiny_formatted_run, tmp_path):
+    """A copy of the tiny workflow with its data stages and base model done, and its tiny.yaml."""
+    src, cfg = tiny_formatted_run
+    wf = copy_run(src, tmp_path / "wf")
+    return wf, wf / cfg.name
 
 
 def save_lively_model(path: Path, tok) -> Path:

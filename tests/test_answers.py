@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from conftest import with_defaults
 
-from workflow_scripts.common import Job, StageError
 from workflow_scripts.evaluation import compare as compare_stage
 from workflow_scripts.evaluation.answers import Judgement, is_correct, judge, parse_number
+from workflow_scripts.stage import Job, StageError
 
 
 def ref(answer: str) -> str:
@@ -208,7 +208,7 @@ def test_prediction_rows_carry_parsed_answer_and_rule(
     def evaluate(settings, name):
         return evaluate_model.run(
             Job(
-                input={"model_dir": str(tiny_model_dir), "test": str(test)},
+                input={"model_dir": str(tiny_model_dir), "prompts": str(test)},
                 output={
                     "evaluation": str(tmp_path / f"{name}.json"),
                     "predictions": str(tmp_path / f"{name}.jsonl"),

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, build_tokenizer, sample_rows, save_lively_model
 
 from workflow_scripts import chat
+from workflow_scripts.evaluation.prompt_format import PromptFormat, prompt_format, prompt_format_of
 
 SYSTEM = "Answer the question about the table."
 MAX_NEW_TOKENS = 24
@@ -93,7 +94,7 @@ def test_prompt_format_is_read_from_the_experiment(workflow):
     root, rows, _ = workflow
     exp = root / "results" / "default"
     assert chat.find_experiment(exp / "deployment_model") == exp
-    fmt = chat.prompt_format(exp)
+    fmt = prompt_format(exp)
     assert fmt.context == [{"role": "system", "content": SYSTEM}] and fmt.system_prompt == SYSTEM
     assert (fmt.user_prefix, fmt.user_suffix) == ("Question: ", "\nAnswer briefly.")
     assert fmt.source == str(root / "results/shared/formatted/sample-tiny-0123abcd/test.parquet")
@@ -107,11 +108,43 @@ def test_prompt_format_keeps_only_what_every_row_shares(tmp_path):
         }
         for i in range(3)
     ]
-    (tmp_path / "dataset/preprocessed").mkdir(parents=True)
-    (tmp_path / "dataset/preprocessed/test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fmt = chat.prompt_format(tmp_path)  # the query is not in the user message: no wrapping guessed
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fmt = prompt_format_of(
+        tmp_path / "test.jsonl"
+    )  # the query is not in the user message: no wrapping guessed
     assert fmt.system_prompt == "S" and (fmt.user_prefix, fmt.user_suffix) == ("", "")
-    assert chat.prompt_format(tmp_path / "nothing-here") == chat.PromptFormat()
+    # a folder without experiment.json has no prompt format, and is no experiment
+    (tmp_path / "deployment_model").mkdir()
+    assert prompt_format(tmp_path) == PromptFormat()
+    assert chat.find_experiment(tmp_path / "deployment_model") is None
+
+
+def test_decoding_is_the_evaluations_with_the_command_lines_changes():
+    from workflow_scripts.config import load_schema
+
+    schema = load_schema()["properties"]["evaluation"]["properties"]
+    settings, dtype = chat.decoding({})  # no evaluation ran: the schema's defaults, nothing retyped
+    assert settings.max_new_tokens == schema["max_new_tokens"]["default"] and not settings.do_sample
+    assert dtype == schema["dtype"]["default"]
+    evaluated = {
+        "max_new_tokens": 7,
+        "do_sample": True,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "dtype": "bfloat16",
+    }
+    settings, dtype = chat.decoding(evaluated)
+    assert (settings.max_new_tokens, settings.do_sample, settings.temperature, settings.top_p) == (
+        7,
+        True,
+        0.5,
+        0.9,
+    )
+    assert dtype == "bfloat16"
+    settings, _ = chat.decoding(evaluated, max_new_tokens=3, temperature=0)  # 0: greedy
+    assert (settings.max_new_tokens, settings.do_sample, settings.temperature) == (3, False, 0.5)
+    settings, _ = chat.decoding({}, temperature=0.7)
+    assert settings.do_sample and settings.temperature == 0.7
 
 
 def test_piped_question_gets_the_evaluations_greedy_answer(workflow, tmp_path):
@@ -132,12 +165,10 @@ def test_piped_question_gets_the_evaluations_greedy_answer(workflow, tmp_path):
 def test_every_test_prompt_is_rebuilt_exactly_and_answered_as_evaluated(workflow):
     root, rows, predictions = workflow
     exp = root / "results" / "default"
-    model, tok, render = chat.load(exp / "deployment_model", "float32")
-    defaults = chat.generation_defaults(exp)
-    assert defaults["max_new_tokens"] == MAX_NEW_TOKENS and defaults["do_sample"] is False
-    session = chat.Chat(
-        model, tok, render, chat.prompt_format(exp), chat.Decoding(max_new_tokens=MAX_NEW_TOKENS)
-    )
+    settings, dtype = chat.decoding(chat.evaluated_generation(exp))
+    assert (settings.max_new_tokens, settings.do_sample, dtype) == (MAX_NEW_TOKENS, False, "float32")
+    model, formatter = chat.load(exp / "deployment_model", dtype)
+    session = chat.Chat(model, formatter, prompt_format(exp), settings)
     for row, prediction in zip(rows, predictions, strict=True):
         assert session.prompt(row["query"]) == row["prompt_text"]
         pieces = []
@@ -171,6 +202,20 @@ def test_empty_piped_prompt_is_an_error(workflow):
     assert (
         proc.returncode == 1
         and proc.stderr == "snaketune-chat: error: empty prompt (give --prompt TEXT or pipe a question)\n"
+    )
+
+
+def test_bad_decoding_options_are_one_clear_line(workflow):
+    root, _, _ = workflow
+    model = root / "results/default/deployment_model"
+    proc = run_chat(model, "--prompt", "hi", "--max-new-tokens", "0")
+    assert proc.returncode == 1 and proc.stderr == (
+        "snaketune-chat: error: --max-new-tokens: 0 is not a positive number of tokens\n"
+    )
+    proc = run_chat(model, "--prompt", "hi", "--temperature", "-1")
+    assert (
+        proc.returncode == 1
+        and proc.stderr == "snaketune-chat: error: --temperature: -1 is negative (0 is greedy)\n"
     )
 
 

@@ -4,12 +4,9 @@ import pytest
 import yaml
 from conftest import REPO
 
-from workflow_scripts.config import (
-    ConfigError,
-    load_and_resolve,
-    render_template,
-    template_fields,
-)
+from workflow_scripts.config import ConfigError, load_and_resolve, template_fields
+from workflow_scripts.data import templates
+from workflow_scripts.data.templates import TemplateError, render_template
 
 
 def test_default_config_resolves_with_defaults_filled(resolved_config):
@@ -122,7 +119,9 @@ def test_templates_insert_values_literally():
     assert template_fields("a {x} {{literal}} {y}", "t") == ["x", "y"]
     out = render_template("Q: {q} {{not a placeholder}}", {"q": "{json: [1, 2]} \\frac{a}{b}"})
     assert out == "Q: {json: [1, 2]} \\frac{a}{b} {not a placeholder}"
-    with pytest.raises(ConfigError, match="plain name"):
+    with pytest.raises(TemplateError, match="plain name"):
+        templates.template_fields("{x:>10}", "t")
+    with pytest.raises(ConfigError, match="plain name"):  # as config loading reports it
         template_fields("{x:>10}", "t")
 
 

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from conftest import with_defaults
 
-from workflow_scripts.common import Job, StageError
 from workflow_scripts.evaluation import compare as compare_stage
 from workflow_scripts.evaluation.answers import extract_answer, follows_format, is_correct, parse_number
+from workflow_scripts.stage import Job, StageError
 
 
 @pytest.mark.parametrize(
@@ -105,6 +105,28 @@ def test_batched_greedy_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
     hf = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
     ref = [t for t in hf[0, ids.shape[1] :].tolist() if t != tiny_tokenizer.eos_token_id]
     assert single["token_ids"][1] == ref[: len(single["token_ids"][1])]
+
+
+def test_streaming_is_the_generators_own_decode_path(tiny_model_dir, tiny_tokenizer):
+    """stream (the chat command's generator) hands one prompt's answer out as it grows, with the
+    tokens generate gives that prompt: greedy, and sampled (temperature, top_p) from the same seed."""
+    from workflow_scripts.evaluation.generate import generate, stream
+    from workflow_scripts.models.loading import load_model
+
+    model = load_model(tiny_model_dir)
+    greedy = settings_of(max_new_tokens=12, batch_size=1)
+    sampled = settings_of(max_new_tokens=12, batch_size=1, do_sample=True, temperature=0.8, top_p=0.9, seed=3)
+    answers = {}
+    for prompt in _eval_prompts(tiny_tokenizer, ["What was revenue in 2019?", "ratio of x to y"]):
+        ids = tiny_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for name, s in (("greedy", greedy), ("sampled", sampled)):
+            expected = generate(model, tiny_tokenizer, [prompt], s, progress=False)
+            pieces = []
+            streamed = stream(model, tiny_tokenizer, ids, s, pieces.append)
+            assert streamed == expected["token_ids"][0]
+            assert "".join(pieces) == expected["texts"][0] and len(pieces) > 1
+            answers.setdefault(name, []).append(streamed)
+    assert answers["greedy"] != answers["sampled"]
 
 
 def test_shared_prefix_generation_equals_one_at_a_time(tiny_model_dir, tiny_tokenizer):
@@ -218,7 +240,7 @@ def test_empty_test_split_and_missing_reference_are_named(tmp_path, tiny_model_d
     def evaluate(test):
         return evaluate_model.run(
             Job(
-                input={"model_dir": str(tiny_model_dir), "test": str(test)},
+                input={"model_dir": str(tiny_model_dir), "prompts": str(test)},
                 output={"evaluation": str(tmp_path / "e.json"), "predictions": str(tmp_path / "p.jsonl")},
                 params={"evaluation": cfg, "label": "base"},
             )
@@ -228,7 +250,7 @@ def test_empty_test_split_and_missing_reference_are_named(tmp_path, tiny_model_d
     pd.DataFrame({"prompt_text": pd.Series([], dtype=str), "reference": pd.Series([], dtype=str)}).to_parquet(
         empty
     )
-    with pytest.raises(StageError, match=r"test split .*test.parquet is empty"):
+    with pytest.raises(StageError, match=r"prompts file .*test.parquet is empty"):
         evaluate(empty)
     no_ref = tmp_path / "noref.parquet"
     pd.DataFrame({"prompt_text": ["hi"]}).to_parquet(no_ref)
@@ -264,7 +286,7 @@ def test_evaluate_model_writes_metrics_and_predictions(tmp_path, tiny_model_dir,
     }
     result = evaluate_model.run(
         Job(
-            input={"model_dir": str(tiny_model_dir), "test": str(test)},
+            input={"model_dir": str(tiny_model_dir), "prompts": str(test)},
             output={"evaluation": str(tmp_path / "e.json"), "predictions": str(tmp_path / "p.jsonl")},
             params={"evaluation": with_defaults("evaluation", cfg), "label": "base"},
         )
@@ -364,7 +386,7 @@ def test_evaluation_records_dtype_path_and_bf16_agreement(tmp_path, tiny_model_d
         cfg = {"metrics": ["answer_accuracy"], "max_new_tokens": 8, "batch_size": 4, **values}
         return evaluate_model.run(
             Job(
-                input={"model_dir": str(tiny_model_dir), "test": str(test)},
+                input={"model_dir": str(tiny_model_dir), "prompts": str(test)},
                 output={"evaluation": str(tmp_path / "e.json"), "predictions": str(tmp_path / "p.jsonl")},
                 params={"evaluation": with_defaults("evaluation", cfg), "label": "base"},
             )

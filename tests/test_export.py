@@ -16,8 +16,8 @@ pytest.importorskip(
 
 from conftest import sample_rows, save_lively_model  # noqa: E402
 
-from workflow_scripts.common import Job, StageError  # noqa: E402
 from workflow_scripts.models import export_gguf  # noqa: E402
+from workflow_scripts.stage import Job, StageError  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CFG = {
@@ -87,6 +87,12 @@ def exported(tmp_path_factory):
     exp = tmp_path_factory.mktemp("export") / "results" / "tiny"
     model_dir = save_tiny_smollm2(exp / "deployment_model")
     write_test_split(exp / "dataset/formatted/test.parquet", AutoTokenizer.from_pretrained(model_dir))
+    # where the experiment's artifacts are (the experiment_index rule's experiment.json)
+    artifacts = {
+        "shared": {"formatted": "results/tiny/dataset/formatted"},
+        "own": {"evaluation": "results/tiny/evaluation"},
+    }
+    (exp / "experiment.json").write_text(json.dumps({"experiment": "tiny", **artifacts}))
     report = export_gguf.run(export_job(exp, ["f16", "q8_0"]))
     return exp, report
 
@@ -197,6 +203,7 @@ def test_chat_on_the_gguf_uses_its_template_and_stops_at_its_eos(exported):
     """The GGUF read back by the chat command: the training prompt, and the evaluation's greedy answer."""
     from workflow_scripts import chat
     from workflow_scripts.evaluation.generate import GenerationSettings, generate
+    from workflow_scripts.evaluation.prompt_format import prompt_format
 
     exp, _ = exported
     import pandas as pd
@@ -204,9 +211,10 @@ def test_chat_on_the_gguf_uses_its_template_and_stops_at_its_eos(exported):
     test = pd.read_parquet(exp / "dataset/formatted/test.parquet")
     gguf = exp / "export/tiny-f16.gguf"
     assert chat.find_experiment(gguf) == exp
-    fmt = chat.prompt_format(exp)
-    model, tok, render = chat.load(gguf, "float32")
-    session = chat.Chat(model, tok, render, fmt, chat.Decoding(max_new_tokens=12))
+    fmt = prompt_format(exp)
+    assert fmt.system_prompt == "Answer the question about the table."
+    model, formatter = chat.load(gguf, "float32")
+    tok = formatter.tokenizer
     settings = GenerationSettings(
         max_new_tokens=12,
         batch_size=4,
@@ -216,6 +224,7 @@ def test_chat_on_the_gguf_uses_its_template_and_stops_at_its_eos(exported):
         seed=0,
         share_prefix=True,
     )
+    session = chat.Chat(model, formatter, fmt, settings)
     expected = generate(model, tok, test["prompt_text"].tolist()[:3], settings, progress=False)["texts"]
     for query, prompt, answer in zip(test["query"], test["prompt_text"], expected, strict=False):
         assert session.prompt(query) == prompt
@@ -224,7 +233,7 @@ def test_chat_on_the_gguf_uses_its_template_and_stops_at_its_eos(exported):
 
 
 def test_export_is_opt_in_and_planned_with_its_outputs(tiny_workflow):
-    from test_workflow import planned_rules, smk
+    from conftest import planned_rules, smk
 
     wf, cfg = tiny_workflow
     assert "export_gguf" not in planned_rules(wf, "all", cfg)
@@ -236,7 +245,7 @@ def test_export_is_opt_in_and_planned_with_its_outputs(tiny_workflow):
 
 
 def test_bad_outtype_is_refused_at_load(workflow_copy):
-    from test_workflow import smk
+    from conftest import smk
 
     proc = smk(workflow_copy, "-n", "export_gguf", "--config", "export={outtypes: [q4_k_m]}", check=False)
     assert proc.returncode != 0 and "export.outtypes" in proc.stdout + proc.stderr

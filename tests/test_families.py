@@ -18,7 +18,6 @@ from workflow_scripts.models.families import (
     GEMMA3N,
     TEMPLATES,
     ChatFormatter,
-    family_named,
     family_of,
 )
 
@@ -61,7 +60,6 @@ def test_family_of_config_dict_folder_and_object(tmp_path, config, family):
 
 def test_families_are_named_once():
     assert len({f.name for f in FAMILIES}) == len(FAMILIES)
-    assert all(family_named(f.name) is f for f in FAMILIES)
     assert FAMILIES[-1] is CAUSAL_LM  # the catch-all comes last
 
 
@@ -90,19 +88,36 @@ def test_message_shape():
 
 
 def test_usage_snippets_load_with_the_family_class():
-    assert "AutoModelForCausalLM.from_pretrained" in CAUSAL_LM.usage_snippet
-    assert "AutoTokenizer.from_pretrained" in CAUSAL_LM.usage_snippet
-    snippet = GEMMA3N.usage_snippet
+    snippet = CAUSAL_LM.usage_snippet("me/model")
+    assert 'AutoModelForCausalLM.from_pretrained("me/model")' in snippet
+    assert 'AutoTokenizer.from_pretrained("me/model")' in snippet
+    snippet = GEMMA3N.usage_snippet("me/model")
     assert "AutoModelForImageTextToText.from_pretrained" in snippet and "AutoProcessor" in snippet
     assert "AutoModelForCausalLM" not in snippet
     for family in FAMILIES:
-        compile(family.usage_snippet, family.name, "exec")  # valid Python
+        compile(family.usage_snippet("path/to/model"), family.name, "exec")  # valid Python
+
+
+@pytest.mark.parametrize(
+    "family, pipeline_tag, gguf_export",
+    [
+        (CAUSAL_LM, "text-generation", True),
+        (GEMMA3_TEXT, "text-generation", True),
+        (
+            GEMMA3N,
+            "image-text-to-text",
+            False,
+        ),  # vision/audio towers: llama.cpp's converter has no text-only path
+    ],
+)
+def test_hub_task_and_gguf_export(family, pipeline_tag, gguf_export):
+    assert family.pipeline_tag == pipeline_tag and family.gguf_export is gguf_export
 
 
 def test_every_family_has_a_fallback_template_the_schema_accepts():
     schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
     enum = schema["properties"]["model"]["properties"]["fallback_chat_template"]["enum"]
-    assert set(enum) == set(TEMPLATES)
+    assert set(enum) == {*TEMPLATES, None}  # null: the family's own fallback_template
     assert {f.fallback_template for f in FAMILIES} <= set(TEMPLATES)
 
 
@@ -135,9 +150,27 @@ def test_text_config_sliding_window_cache_and_logits():
     mm = Gemma3nConfig()
     assert GEMMA3N.text_config(mm) is mm.text_config
     assert GEMMA3N.sliding_window(mm) == mm.text_config.sliding_window
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns)
+    from importlib.metadata import version
+
+    from packaging.version import Version
+    from transformers import DynamicCache
+
+    renamed = Version(version("transformers")) >= Version("5.24")
     for model, family in ((llama, CAUSAL_LM), (gemma, GEMMA3_TEXT)):
-        assert family.cache_kwarg(model) in ("cache", "past_key_values")
+        assert family.cache_kwarg(model) == ("cache" if renamed else "past_key_values")
         assert family.last_logits_kwargs(model) == {"logits_to_keep": 1}
+        # the cache given under that name is the one the model fills, and only the last logits come back
+        cache = DynamicCache(config=model.config)
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        with torch.no_grad():
+            out = model(
+                input_ids=ids,
+                use_cache=True,
+                **{family.cache_kwarg(model): cache},
+                **family.last_logits_kwargs(model),
+            )
+        assert cache.get_seq_length() == 5 and out.logits.shape[1] == 1
 
 
 def test_chat_formatter_renders_with_the_family_shape(tiny_model_dir):

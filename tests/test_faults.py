@@ -17,16 +17,15 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, sample_rows
+from conftest import SNAKEMAKE, new_workflow, sample_rows, snakemake_env
+from conftest import smk as run_smk
 
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TMP_MARK = ".tmp-"
 POLL_S = 0.01
 TIMEOUT_S = 300
@@ -41,7 +40,9 @@ RULES = [
     "train",
     "merge",
     "eval_base",
+    "general_base",
     "eval_finetuned",
+    "general_finetuned",
     "compare",
     "experiment_index",
 ]
@@ -57,30 +58,15 @@ RULES = [
 TRIGGERS = {
     "preprocess_dataset": ("log", "log"),
     "eval_base": ("log", "log"),
+    "general_base": ("log", "log"),
     "eval_finetuned": ("log", "log"),
+    "general_finetuned": ("log", "log"),
     "experiment_index": ("log", "log"),
 }
 
 
-def _env() -> dict[str, str]:
-    # the user's MODEL_ID / DATASET would override the test config
-    return {k: v for k, v in os.environ.items() if k not in ("MODEL_ID", "DATASET")}
-
-
 def smk(wf: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [*SNAKEMAKE, "--cores", "2", *args],
-        cwd=wf,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env=_env(),
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
+    return run_smk(wf, *args, check=check, timeout=TIMEOUT_S)
 
 
 @dataclass
@@ -143,14 +129,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory, tiny_model_dir) -> Workflow:
     root = tmp_path_factory.mktemp("faults")
-    wf = root / "wf"
-    wf.mkdir()
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(REPO / name, wf / name)
-    for name in ("rules", "schemas", "envs", "profiles"):
-        shutil.copytree(REPO / name, wf / name)
-    (wf / "workflow_scripts").symlink_to(REPO / "workflow_scripts")
-    (wf / "data").symlink_to(REPO / "data")
+    wf = new_workflow(root / "wf")
     sample = root / "sample.jsonl"
     sample.write_text("".join(json.dumps(r) + "\n" for r in sample_rows(120)))
     config = {
@@ -314,7 +293,7 @@ def kill_run(w: Workflow, job: Job, trigger: str) -> Kill:
             cwd=w.wf,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env=snakemake_env(),
             start_new_session=True,  # its own process group: the jobs, and only they, die with it
         )
         fired_on = None

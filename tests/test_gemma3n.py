@@ -193,6 +193,9 @@ def test_gemma3n_train_merge_generate(gemma3n_dir, tmp_path):
     assert type(merged).__name__ == "Gemma3nForConditionalGeneration"
     processor = AutoProcessor.from_pretrained(out / "deploy")
     assert type(processor).__name__ == "Gemma3nProcessor" and processor.chat_template
+    card = (out / "deploy" / "README.md").read_text()  # the family's Hub task and loading code
+    assert "pipeline_tag: image-text-to-text" in card
+    assert "AutoModelForImageTextToText.from_pretrained" in card
 
     model, tok = load_model(out / "deploy"), load_tokenizer(out / "deploy")
     prompts = pd.read_parquet(splits["test"])["prompt_text"].tolist()[:3]

@@ -1,27 +1,12 @@
 """Never destroy, never leak: hostile names, secrets in config, trainer values, shared artifacts."""
 
-import hashlib
-from pathlib import Path
-
 import pytest
-from conftest import write_config
-from test_workflow import planned_rules, smk
+from conftest import planned_rules, smk, tree_digest, write_config
 
-from workflow_scripts.config import ConfigError, model_dir
+from workflow_scripts.config import ConfigError
+from workflow_scripts.experiments import model_dir
 
 HF = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7"
-
-
-def tree_digest(root: Path, skip=("results", "models", ".snakemake")) -> str:
-    """Names, sizes and mtimes of everything outside results/, models/ and .snakemake/."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if rel.parts[0] in skip or p.is_symlink():
-            continue
-        st = p.stat()
-        h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -105,9 +90,9 @@ def test_the_base_model_folder_is_keyed_by_what_changes_it(resolved_config):
     assert a.startswith("models/smollm2-135m-instruct-")
 
 
-def test_params_in_another_key_order_rerun_nothing(tiny_workflow):
-    wf, cfg = tiny_workflow
-    smk(wf, "--until", "format_dataset", "--configfile", str(cfg))
+def test_params_in_another_key_order_rerun_nothing(tiny_formatted):
+    wf, cfg = tiny_formatted  # the session's `--until format_dataset` run, copied
+    assert planned_rules(wf, "format_dataset", cfg) == set()
     reordered = write_config(
         wf / "order.yaml",
         {"messages_format": {"metadata_columns": ["question_type"]}, "filters": {"drop_empty": True}},
@@ -115,12 +100,12 @@ def test_params_in_another_key_order_rerun_nothing(tiny_workflow):
     assert planned_rules(wf, "format_dataset", cfg, reordered) == set()
 
 
-def test_two_experiments_with_different_templates_do_not_share_a_base_model(tiny_workflow):
-    wf, cfg = tiny_workflow
+def test_two_experiments_with_different_templates_do_not_share_a_base_model(tiny_formatted):
+    wf, cfg = tiny_formatted  # tiny.yaml's base model is prepared (the session's run, copied)
     other = write_config(
         wf / "other.yaml", {"experiment": "other", "model": {"fallback_chat_template": "plain"}}
     )
-    smk(wf, "--until", "prepare_base_model", "--configfile", str(cfg))
+    assert len([p for p in (wf / "models").iterdir() if p.is_dir()]) == 1
     smk(wf, "--until", "prepare_base_model", "--configfile", str(cfg), str(other))
     folders = sorted(p.name for p in (wf / "models").iterdir() if p.is_dir())
     assert len(folders) == 2 and all(f.startswith("tiny-") for f in folders)

@@ -8,8 +8,9 @@ import pytest
 from conftest import with_defaults
 from huggingface_hub import ModelCard
 
-from workflow_scripts.common import Job, StageError
 from workflow_scripts.models import model_card, push_to_hub
+from workflow_scripts.models.families import CAUSAL_LM, GEMMA3N
+from workflow_scripts.stage import Job, StageError
 
 COMPARISON = {
     "n_examples": 64,
@@ -46,13 +47,14 @@ def experiment(tmp_path):
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 16, "lora_alpha": 32}))
     d = tmp_path / "results" / "default" / "deployment_model"
     d.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", "merge_report.json"):
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    for name in ("model.safetensors", "merge_report.json"):
         (d / name).write_text("x" * 10)
     (d / ".snakemake_timestamp").write_text("")
     (d / ".hidden").mkdir()
     (d / ".hidden" / "tmp").write_text("x")
     (d / "README.md").write_text(
-        model_card.merge_card(str(base), str(adapter), {"global_step": 90}, MERGE_REPORT)
+        model_card.merge_card(str(base), str(adapter), {"global_step": 90}, MERGE_REPORT, CAUSAL_LM)
     )
     ev = tmp_path / "results" / "default" / "evaluation"
     ev.mkdir()
@@ -137,13 +139,14 @@ def test_merge_card_names_the_real_base_model(experiment):
     assert "max |logit(merged) - logit(base + adapter)| = 1.20e-04" in card.text
 
 
-def test_merge_card_takes_the_familys_usage_snippet(experiment):
+def test_merge_card_takes_the_familys_task_and_usage_snippet(experiment):
     tmp_path, inputs = experiment
-    usage = 'from transformers import AutoModelForImageTextToText\nm = AutoModelForImageTextToText.from_pretrained("path/to/deployment_model")\n'
     text = model_card.merge_card(
-        inputs["base_model_dir"], str(tmp_path / "adapter"), {}, MERGE_REPORT, usage=usage
+        inputs["base_model_dir"], str(tmp_path / "adapter"), {}, MERGE_REPORT, GEMMA3N
     )
-    assert "AutoModelForImageTextToText.from_pretrained" in text and "AutoModelForCausalLM" not in text
+    assert 'AutoModelForImageTextToText.from_pretrained("path/to/deployment_model")' in text
+    assert "AutoModelForCausalLM" not in text
+    assert ModelCard(text).data.pipeline_tag == "image-text-to-text"
 
 
 def test_hub_card_has_the_metadata_the_hub_reads(experiment):

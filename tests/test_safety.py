@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts import common
-from workflow_scripts.common import MaskedStream, atomic_path, run_logged, write_json
+from workflow_scripts import files
+from workflow_scripts.files import atomic_path, write_json
+from workflow_scripts.logs import MaskedStream, run_logged
 
 REPO = Path(__file__).resolve().parent.parent
 HF = "hf_SECRETtoken123456"
@@ -78,7 +79,8 @@ sys.path.insert(0, {str(REPO)!r})
 early = logging.getLogger("earlylib")  # a library handler made before the set-up, on the real stderr
 early.addHandler(logging.StreamHandler(sys.stderr))
 early.propagate = False
-from workflow_scripts.common import StageError, run_logged, snakemake_main
+from workflow_scripts.logs import run_logged
+from workflow_scripts.stage import StageError, snakemake_main
 hf, wb = os.environ["HF_TOKEN"], os.environ["WANDB_API_KEY"]
 """
 
@@ -173,7 +175,7 @@ import os, sys
 os.umask(int(sys.argv[2], 8))
 sys.path.insert(0, sys.argv[3])
 from pathlib import Path
-from workflow_scripts.common import atomic_path, write_json
+from workflow_scripts.files import atomic_path, write_json
 out = Path(sys.argv[1])
 write_json(out / "a.json", {"x": 1})
 with atomic_path(out / "plain.bin") as tmp:
@@ -231,7 +233,7 @@ KILL_SCRIPT = """\
 import sys, time
 sys.path.insert(0, sys.argv[3])
 from pathlib import Path
-from workflow_scripts.common import atomic_path
+from workflow_scripts.files import atomic_path
 with atomic_path(sys.argv[1], is_dir=True) as tmp:
     (tmp / "weights.bin").write_bytes(b"0" * 1_000_000)
     print("written", flush=True)
@@ -260,4 +262,4 @@ def test_sigkill_mid_write_leaves_no_debris_after_rerun(tmp_path):
 def test_umask_is_read_once_without_changing_it():
     now = os.umask(0o022)
     os.umask(now)
-    assert now == common._UMASK
+    assert now == files._UMASK

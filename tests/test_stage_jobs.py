@@ -6,7 +6,7 @@ import re
 import pytest
 from conftest import REPO
 
-from workflow_scripts.common import Job
+from workflow_scripts.stage import Job
 
 
 def test_job_from_snakemake_is_plain_and_named():

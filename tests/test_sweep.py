@@ -4,8 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import write_config
-from test_workflow import smk
+from conftest import smk, write_config
 
 from workflow_scripts.config import ConfigError
 from workflow_scripts.evaluation import leaderboard
@@ -36,17 +35,21 @@ TINY_RUN = {
 }
 
 
-@pytest.fixture
-def sweep_workflow(tiny_workflow):
-    wf, cfg = tiny_workflow
-    sweep = write_config(
+def grid_sweep(wf):
+    return write_config(
         wf / "sweep.yaml",
         {
             **TINY_RUN,
             "sweep": {"name": "grid", "grid": {"training.learning_rate": [0.001, 0.01], "peft.r": [2, 4]}},
         },
     )
-    return wf, cfg, sweep
+
+
+@pytest.fixture
+def sweep_workflow(tiny_workflow):
+    """A fresh tiny workflow (nothing run) and the 2x2 grid sweep."""
+    wf, cfg = tiny_workflow
+    return wf, cfg, grid_sweep(wf)
 
 
 def test_points_are_named_from_what_they_vary(resolved_config):
@@ -96,9 +99,11 @@ def test_shared_stages_once_and_one_job_per_point(sweep_workflow):
         "prepare_base_model": 1,
         "format_dataset": 1,
         "eval_base": 1,
+        "general_base": 1,
         "train": 4,
         "merge": 4,
         "eval_finetuned": 4,
+        "general_finetuned": 4,
         "compare": 4,
         "experiment_index": 4,
         "leaderboard": 1,
@@ -117,8 +122,12 @@ def test_a_point_varying_the_format_gets_its_own_data_and_base_evaluation(sweep_
 
 
 @pytest.mark.e2e
-def test_sweep_runs_and_grows_incrementally(sweep_workflow):
-    wf, cfg, sweep = sweep_workflow
+def test_sweep_runs_and_grows_incrementally(tiny_formatted):
+    wf, cfg = tiny_formatted  # data stages and base model done (they are planned once, above)
+    sweep = grid_sweep(wf)
+    counts = plan(wf, cfg, sweep)
+    done = {"download_dataset", "preprocess_dataset", "prepare_base_model", "format_dataset"}
+    assert counts["train"] == 4 and not done & set(counts)
     smk(wf, "--configfile", str(cfg), str(sweep))
     board = json.loads((wf / "results" / "sweeps" / "grid" / "leaderboard.json").read_text())
     assert len(board["points"]) == 4 and sum(p["selected"] for p in board["points"]) == 1
@@ -194,7 +203,7 @@ def test_the_winner_is_chosen_on_validation_never_on_test():
 
 
 def test_a_point_without_validation_loss_is_an_error():
-    from workflow_scripts.common import StageError
+    from workflow_scripts.stage import StageError
 
     with pytest.raises(StageError, match="has no validation loss"):
         leaderboard.build([_point("a", None, [1, 0])], "eval_loss", samples=100, seed=0)

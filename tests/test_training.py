@@ -14,8 +14,8 @@ import torch
 from conftest import REPO, build_tiny_llama, merge_job, write_formatted
 from conftest import train_job as make_train_job
 
-from workflow_scripts.common import Job, StageError
 from workflow_scripts.models.loading import load_chat_formatter
+from workflow_scripts.stage import Job, StageError
 from workflow_scripts.training import train as train_stage
 from workflow_scripts.training.checkpoints import find_resume_checkpoint, prepare_checkpoint_dir
 from workflow_scripts.training.data import IGNORE, Collator, load_examples, pack_rows
@@ -180,11 +180,13 @@ def test_train_writes_adapter_metrics_and_run_info(tmp_path, formatted, tiny_mod
 
 def test_resume_after_sigkill(tmp_path, formatted, tiny_model_dir):
     """Kill training (SIGKILL) after its first checkpoint; the re-run resumes and finishes."""
-    training = {**TRAINING, "max_steps": 200, "eval_steps": 100}
+    # 56 steps (~2 s alone on 2 cores) after checkpoint-4 for the 20 ms poll to kill it part-way
+    training = {**TRAINING, "max_steps": 60, "eval_steps": 30}
     job = train_job(tmp_path, formatted, tiny_model_dir, training)
     script = (
         "import json, sys\nsys.path.insert(0, sys.argv[2])\n"
-        "from workflow_scripts.common import Job, setup_logging\n"
+        "from workflow_scripts.logs import setup_logging\n"
+        "from workflow_scripts.stage import Job\n"
         "from workflow_scripts.training import train\nkw = json.loads(open(sys.argv[1]).read())\n"
         "setup_logging(kw.pop('log'))\ntrain.run(Job(**kw))\n"
     )

@@ -6,13 +6,12 @@ import os
 import pandas as pd
 import pytest
 import yaml
-from conftest import sample_rows, write_config
-from test_workflow import planned_rules, smk
+from conftest import copy_run, new_workflow, planned_rules, sample_rows, smk, write_config
 
-from workflow_scripts.common import Job, StageError
 from workflow_scripts.config import ConfigError, coerce_cli_strings
 from workflow_scripts.data import download_dataset
 from workflow_scripts.data.sources import SourceError, local_split_files, read_rows, split_of
+from workflow_scripts.stage import Job, StageError
 
 SPLITS = ("train", "validation", "test")
 Q = "Open-ended Verifiable Question"
@@ -276,9 +275,8 @@ QA_CONFIG = {
 }
 
 
-@pytest.fixture
-def qa_workflow(workflow_copy, tiny_model_dir):
-    """A user's Q/A dataset (no chain of thought) split into files their way."""
+def qa_files(workflow_copy, tiny_model_dir):
+    """A user's Q/A dataset (no chain of thought) split into files their way, and qa.yaml."""
     folder = workflow_copy / "userdata"
     rows = [{"Q": r[Q], "A": r["Response"]} for r in sample_rows(120)]
     write_jsonl(folder / "qa_train.jsonl", rows[:90])
@@ -299,9 +297,30 @@ def qa_workflow(workflow_copy, tiny_model_dir):
     return workflow_copy, cfg, folder
 
 
-def test_qa_dataset_runs_through_configfile_to_the_end(qa_workflow):
-    wf, cfg, _ = qa_workflow
+@pytest.fixture
+def qa_workflow(workflow_copy, tiny_model_dir):
+    """A fresh workflow copy with the Q/A dataset (nothing run yet)."""
+    return qa_files(workflow_copy, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def qa_run(tmp_path_factory, tiny_model_dir):
+    """The Q/A workflow run to the end, once for this module; tests that change it take ``qa_done``."""
+    wf, cfg, folder = qa_files(new_workflow(tmp_path_factory.mktemp("qa") / "wf"), tiny_model_dir)
     smk(wf, "--configfile", str(cfg))
+    return wf, cfg, folder
+
+
+@pytest.fixture
+def qa_done(qa_run, tmp_path):
+    """A copy of the finished Q/A run."""
+    src, cfg, folder = qa_run
+    wf = copy_run(src, tmp_path / "wf")
+    return wf, wf / cfg.name, wf / folder.relative_to(src)
+
+
+def test_qa_dataset_runs_through_configfile_to_the_end(qa_run):
+    wf, cfg, _ = qa_run  # run to the end by the fixture
     res = wf / "results" / "qa"
     index = json.loads((res / "experiment.json").read_text())
     record = json.loads((wf / index["shared"]["dataset"] / "sources.json").read_text())
@@ -312,10 +331,9 @@ def test_qa_dataset_runs_through_configfile_to_the_end(qa_workflow):
     assert planned_rules(wf, "all", cfg) == set()
 
 
-def test_editing_one_data_file_reruns_the_data_stages(qa_workflow):
-    wf, cfg, folder = qa_workflow
-    smk(wf, "--until", "download_dataset", "--configfile", str(cfg))
-    assert planned_rules(wf, "download_dataset", cfg) == set()
+def test_editing_one_data_file_reruns_the_data_stages(qa_done):
+    wf, cfg, folder = qa_done
+    assert planned_rules(wf, "all", cfg) == set()
     test_file = folder / "qa_test.jsonl"
     test_file.write_text(
         test_file.read_text() + json.dumps({"Q": "What is 1 + 1 in total?", "A": "2"}) + "\n"
@@ -333,8 +351,8 @@ def test_an_unrecognised_file_fails_at_load_naming_it(qa_workflow):
     assert not (wf / "results").exists()
 
 
-def test_null_from_the_command_line_reaches_the_stage_as_null(qa_workflow):
-    wf, cfg, _ = qa_workflow
+def test_null_from_the_command_line_reaches_the_stage_as_null(qa_done):
+    wf, cfg, _ = qa_done  # answer_regex defaults to null: the same preprocess folder, no new job
     smk(
         wf,
         "--until",

@@ -1,45 +1,10 @@
 """The Snakemake workflow itself: config errors before any job, staleness, and one real end-to-end run."""
 
 import json
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_config  # noqa: F401 - re-exported for other test modules
-
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def smk(workdir: Path, *args, check=True) -> subprocess.CompletedProcess:
-    # the user's MODEL_ID / DATASET would override the test configs
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL_ID", "DATASET")}
-    proc = subprocess.run(
-        [*SNAKEMAKE, "--cores", "2", *args],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        env=env,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
-
-
-def planned_rules(workdir: Path, target: str, *configfiles: Path) -> set[str]:
-    # a stage and what it needs: `--until <rule>` (rules with wildcards cannot be targets by name)
-    goal = [target] if target == "all" or "/" in target else ["--until", target]
-    args = ["-n", *goal, "--configfile", *map(str, configfiles)]  # one flag: a repeated flag replaces
-    out = smk(workdir, *args).stdout
-    if "Nothing to be done" in out:
-        return set()
-    return set(re.findall(r"^rule (\w+):", out, flags=re.M)) - {"all"}
+from conftest import planned_rules, smk, write_config
 
 
 @pytest.mark.parametrize(
@@ -58,9 +23,8 @@ def test_bad_config_is_refused_before_any_job(workflow_copy, bad, key):
     assert not (workflow_copy / "results").exists()
 
 
-def test_data_stages_rerun_only_what_a_change_touches(tiny_workflow):
-    wf, cfg = tiny_workflow
-    smk(wf, "--until", "format_dataset", "--configfile", str(cfg))
+def test_data_stages_rerun_only_what_a_change_touches(tiny_formatted):
+    wf, cfg = tiny_formatted  # the session's `--until format_dataset` run, copied
     shared = wf / "results" / "shared"
     (formatted,) = (shared / "formatted").iterdir()
     assert (formatted / "train.parquet").is_file()
@@ -96,14 +60,17 @@ def test_data_stages_rerun_only_what_a_change_touches(tiny_workflow):
         ),
     ],
 )
-def test_bad_input_fails_with_a_clear_message_and_no_outputs(tiny_workflow, override, message):
-    wf, cfg = tiny_workflow
+def test_bad_input_fails_with_a_clear_message_and_no_outputs(tiny_formatted, override, message):
+    wf, cfg = tiny_formatted  # the default config's data stages are done; the bad config's are not
+    before = {p: p.read_text() for p in (wf / "results").rglob("*.log")}
+    kept = sorted((wf / "results").glob("shared/preprocessed/*/*.jsonl"))
+    assert kept, "the copied run has the default config's preprocessed splits"
     bad = write_config(wf / "bad.yaml", override)
     proc = smk(wf, "--until", "preprocess_dataset", "--configfile", str(cfg), str(bad), check=False)
     assert proc.returncode != 0
-    logs = "".join(p.read_text() for p in (wf / "results").rglob("*.log"))
+    logs = "".join(p.read_text() for p in (wf / "results").rglob("*.log") if before.get(p) != p.read_text())
     assert message in logs + proc.stdout + proc.stderr  # a missing file fails at load, before any log
-    assert not list((wf / "results").glob("shared/preprocessed/*/*.jsonl"))
+    assert sorted((wf / "results").glob("shared/preprocessed/*/*.jsonl")) == kept, "no new outputs"
 
 
 @pytest.mark.e2e
@@ -116,6 +83,8 @@ def test_embedded_model_end_to_end(workflow_copy):
             "dataset": {"max_rows": 40},
             "training": {"max_steps": 3, "eval_steps": 3, "save_steps": 3, "per_device_train_batch_size": 2},
             "evaluation": {"max_examples": 4, "max_new_tokens": 8, "batch_size": 4},
+            # both general-ability jobs still run on the real model; 200 passages took ~36 s of them
+            "general_ability": {"text_loss": {"passages": 16}},
             "wandb": {"mode": "disabled"},
         },
     )

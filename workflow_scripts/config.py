@@ -8,33 +8,26 @@ libraries) rather than importing TRL at every launch.
 """
 
 import copy
-import difflib
 import functools
-import hashlib
-import json
 import os
 import re
-import string
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from workflow_scripts import trainer_fields
+from workflow_scripts.credentials import (
+    SECRET_KEY_RE,
+    TOKEN_INSIDE_RE,
+    TOKEN_VALUE_RE,
+    env_secrets,
+    secret_values,
+)
+from workflow_scripts.data import templates
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
-# snaketune's own keys inside `training` / `peft` (everything else must be a TRL / PEFT field).
-OWN_TRAINING_KEYS = {
-    "file",
-    "overlength",
-    "early_stopping_patience",
-    "num_processes",
-    "accelerate_config",
-    "fast_path",
-}
-OWN_PEFT_KEYS = {"file"}
 FILE_SECTIONS = ("messages_format", "training", "peft")
 # Environment variable -> (section, key) it overrides.
 ENV_OVERRIDES = {
@@ -58,12 +51,6 @@ REPLACED_MAPPINGS = (
 SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Trainer keys that would let training talk to the Hub behind the opt-in push_to_hub rule.
 HUB_TRAINING_KEYS = re.compile(r"^(push_to_hub.*|hub_.*)$")
-# Values that look like credentials (Hugging Face, W&B, OpenAI-style keys).
-TOKEN_VALUE_RE = re.compile(r"^(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|[0-9a-f]{40}|wandb_v1_\w{20,})$")
-# Keys that name a credential (not pad_token / eos_token, which name vocabulary entries).
-SECRET_KEY_RE = re.compile(
-    r"^(token|(hf|hub|access|auth|api|wandb)_token|(wandb_)?api_?key|password|secret)$", re.IGNORECASE
-)
 
 
 class ConfigError(ValueError):
@@ -81,31 +68,11 @@ def check_safe_name(name: str, key: str) -> str:
 
 
 def template_fields(template: str, where: str) -> list[str]:
-    """Placeholder names of a template; `{{`/`}}` are literal braces."""
+    """Placeholder names of a config template (data/templates.py); a malformed one is a ConfigError."""
     try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise ConfigError(
-            f"{where}: malformed template {template!r} ({exc}); write literal braces as {{{{ }}}}"
-        ) from None
-    names = []
-    for _, name, spec, conv in parsed:
-        if name is None:
-            continue
-        if spec or conv or not name.isidentifier():
-            raise ConfigError(f"{where}: placeholder {{{name}}} must be a plain name (no format spec)")
-        names.append(name)
-    return names
-
-
-def render_template(template: str, values: dict[str, str]) -> str:
-    """Insert values literally: braces inside the data are never interpreted."""
-    out = []
-    for literal, name, _, _ in string.Formatter().parse(template):
-        out.append(literal)
-        if name is not None:
-            out.append(values[name])
-    return "".join(out)
+        return templates.template_fields(template, where)
+    except templates.TemplateError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_env_file(path: str | os.PathLike = ".env") -> None:
@@ -166,21 +133,19 @@ def apply_env_overrides(config: dict) -> None:
             config.setdefault(section, {})[key] = os.environ[var]
 
 
-def _check_keys(section: str, given: dict, allowed: set[str], owner: str) -> None:
-    for key in given:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"{section}.{key}: not a {owner} field nor a snaketune key{hint}")
+def check_trainer_section(section: str, values: dict) -> None:
+    """`training` / `peft`: key names and passed-through values (trainer_fields.py knows them)."""
+    if found := trainer_fields.problems(section, values):
+        raise ConfigError(found[0])
 
 
 def check_semantics(config: dict) -> None:
     """Checks JSON schema cannot express; each names the key at fault."""
-    keys = trainer_fields.allowed_keys()
-    _check_keys("training", config["training"], keys["training"] | OWN_TRAINING_KEYS, "TRL SFTConfig")
-    _check_keys("peft", config["peft"], keys["peft"] | OWN_PEFT_KEYS, "PEFT LoraConfig")
-    trainer_fields.check_values("training", config["training"], OWN_TRAINING_KEYS)
-    trainer_fields.check_values("peft", config["peft"], OWN_PEFT_KEYS)
+    from workflow_scripts import checks  # it reads ConfigError from here
+    from workflow_scripts.evaluation.general_items import check_general_ability  # same
+
+    for section in ("training", "peft"):
+        check_trainer_section(section, config[section])
 
     split = config["dataset"]["split"]
     total = split["train"] + split["validation"] + split["test"]
@@ -193,8 +158,8 @@ def check_semantics(config: dict) -> None:
     check_messages_format(config["messages_format"], config["filters"])
     check_answer_regex(config["filters"])
     check_names(config)
-    check_no_secrets(config)
-    check_local_dataset(config["dataset"])
+    checks.check_all(config, check_local_dataset(config["dataset"]))
+    check_general_ability(config["general_ability"])
 
 
 def check_answer_regex(filters: dict) -> None:
@@ -211,7 +176,23 @@ def check_names(config: dict) -> None:
     check_safe_name(config["experiment"], "experiment")
     if config["model"].get("name") is not None:
         check_safe_name(config["model"]["name"], "model.name")
-    model_name(config["model"])  # a derived name is checked too
+    check_model_id(config["model"]["id"])
+
+
+# A Hub repo id as huggingface_hub's validate_repo_id accepts it (restated: loading stays light).
+HUB_ID_RE = re.compile(r"(\b[\w\-.]+\b/)?\b[\w\-.]{1,96}\b")
+
+
+def check_model_id(mid: str) -> None:
+    """An id that is not embedded, a .gguf file or a local path must be a valid Hub id."""
+    local = mid.startswith((".", "/", "~")) or Path(mid).expanduser().exists()
+    if mid.startswith("embedded:") or mid.endswith(".gguf") or local:
+        return
+    if not HUB_ID_RE.fullmatch(mid) or ".." in mid or "--" in mid:
+        raise ConfigError(
+            f"model.id: {mid!r} is not a Hub model id (owner/name of letters, digits, `-`, `_`, `.`; "
+            "no `..` or `--`) nor an existing local path (write a local one starting with ./ or /)"
+        )
 
 
 def _walk(value, path: str):
@@ -225,44 +206,71 @@ def _walk(value, path: str):
         yield path, value
 
 
+def _strings(value, path: str):
+    """(path, text, is_key) of every string in the config: mapping keys (before their values) and
+    values, with numbers as text too."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield path, str(k), True
+            yield from _strings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}[{i}]")
+    elif value is not None and not isinstance(value, bool):
+        yield path, str(value), False
+
+
 def check_no_secrets(config: dict) -> None:
-    """Secrets are never config (Snakemake records the config in .snakemake/metadata)."""
-    for key in config["training"]:
+    """Secrets are never config (Snakemake records the config in .snakemake/metadata): a value under
+    a key that names a credential, and a secret's value or a credential's shape anywhere inside a
+    key or value is refused. Runs before every other check, so no error message echoes a secret
+    (a refused key is named by the mapping that holds it)."""
+    for key in config.get("training") or {}:
         if HUB_TRAINING_KEYS.match(key):
             raise ConfigError(
                 f"training.{key}: pushing to the Hub from the trainer is refused; the opt-in "
                 "`push_to_hub` rule (hub.repo_id, private by default) is the one way out, and the "
                 "token comes from HF_TOKEN in the environment or .env"
             )
-    env_secrets = {
-        os.environ[k] for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY") if os.environ.get(k)
-    }
-    for path, value in _walk(config, ""):
-        if not isinstance(value, str) or not value:
+    whole, inside = env_secrets(), secret_values()
+    for path, text, is_key in _strings(config, ""):
+        if not text:
             continue
         leaf = path.rsplit(".", 1)[-1]
-        looks = TOKEN_VALUE_RE.match(value) and not leaf.endswith("revision")
-        if looks or value in env_secrets or SECRET_KEY_RE.match(leaf):
+        found = (
+            text in whole
+            or any(s in text for s in inside)
+            or TOKEN_INSIDE_RE.search(text)
+            or (TOKEN_VALUE_RE.match(text) and (is_key or not leaf.endswith("revision")))
+            or (not is_key and SECRET_KEY_RE.match(leaf))
+        )
+        if found:
+            where = f"a key of {path or 'the top level'}" if is_key else path
             raise ConfigError(
-                f"{path}: looks like a secret; secrets are never config (they would be recorded in "
-                ".snakemake/metadata). Put it in .env or the environment (HF_TOKEN, WANDB_API_KEY)"
+                f"{where}: looks like a secret or holds one; secrets are never config (they would be "
+                "recorded in .snakemake/metadata). Put it in .env or the environment (HF_TOKEN, WANDB_API_KEY)"
             )
 
 
-def check_local_dataset(dataset: dict) -> None:
-    """A local dataset's files per split are known at load: an unrecognised file fails here."""
-    from workflow_scripts.data.sources import SourceError, local_split_files, looks_local
+def check_local_dataset(dataset: dict) -> dict[str, list[str]] | None:
+    """A local dataset's files per split are known at load: an unrecognised file fails here.
+    Returns them (None for a Hub dataset)."""
+    from workflow_scripts.data.sources import (
+        SourceError,
+        check_hub_data_files,
+        local_split_files,
+        looks_local,
+    )
 
-    if not looks_local(dataset["id"]):
-        if dataset["data_files"] is None:
-            return
-    elif dataset["split_names"]:
-        raise ConfigError(
-            "dataset.split_names: only for Hub datasets; name local files with dataset.data_files"
-        )
     try:
-        if looks_local(dataset["id"]):
-            local_split_files(dataset)
+        if not looks_local(dataset["id"]):
+            check_hub_data_files(dataset)
+            return None
+        if dataset["split_names"]:
+            raise ConfigError(
+                "dataset.split_names: only for Hub datasets; name local files with dataset.data_files"
+            )
+        return local_split_files(dataset)[0]
     except SourceError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -324,6 +332,7 @@ def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None, user
     apply_env_overrides(config)
     if config.get("sweep") is None:  # null disables a sweep; the schema's defaults need a mapping
         config.pop("sweep", None)
+    check_no_secrets(config)  # first: later error messages quote values
     check_schema(config)
     if validate is None:
         from snakemake.utils import validate
@@ -337,6 +346,7 @@ def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None, user
 def revalidate(config: dict) -> dict:
     """Check an already resolved config again after keys were changed (a sweep point without
     its `sweep` section)."""
+    check_no_secrets(config)
     check_schema(config)
     check_semantics(config)
     sort_keys(config)
@@ -394,12 +404,28 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_FILE.read_text())
 
 
+def schema_default(key: str):
+    """The schema's default of a dotted config key (``evaluation.max_new_tokens``): code that needs
+    a config default outside a resolved config reads it here instead of restating it."""
+    node = load_schema()
+    for part in key.split("."):
+        node = node.get("properties", {}).get(part)
+        if node is None:
+            raise KeyError(f"{key}: not a key of {SCHEMA_FILE.name}")
+    if "default" not in node:
+        raise KeyError(f"{key}: has no default in {SCHEMA_FILE.name}")
+    return copy.deepcopy(node["default"])
+
+
 def check_schema(config: dict) -> None:
     """Validate against the schema; the error names the config key at fault."""
     import jsonschema
 
     schema = load_schema()
     coerce_cli_strings(config, schema)
+    from workflow_scripts import checks  # it reads ConfigError from here
+
+    checks.check_finite(config)  # NaN passes every `minimum`; one message for every non-finite number
     validator = jsonschema.validators.validator_for(schema)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is None:
@@ -420,42 +446,3 @@ def load_and_resolve(path: str | os.PathLike, overrides: dict | None = None) -> 
     config = yaml.safe_load(Path(path).read_text())
     update_config(config, copy.deepcopy(overrides or {}))  # deep, exactly as Snakemake merges
     return resolve(config, Path(path).parent, user=overrides)
-
-
-def trainer_kwargs(training: dict) -> dict[str, Any]:
-    """The SFTConfig part of the `training` section."""
-    return {k: v for k, v in training.items() if k not in OWN_TRAINING_KEYS}
-
-
-def lora_kwargs(peft: dict) -> dict[str, Any]:
-    return {k: v for k, v in peft.items() if k not in OWN_PEFT_KEYS}
-
-
-def model_name(model_cfg: dict) -> str:
-    """Readable folder name: `model.name`, else a slug of `model.id` (checked safe)."""
-    if model_cfg.get("name"):
-        return check_safe_name(model_cfg["name"], "model.name")
-    mid = model_cfg["id"]
-    if mid.startswith("embedded:"):
-        stem = mid.split(":", 1)[1]
-    elif mid.endswith(".gguf") or Path(mid).exists():
-        stem = Path(mid).name
-    else:
-        stem = mid.replace("/", "--")
-    stem = re.sub(r"\.gguf$", "", stem)
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.")
-    if not SAFE_NAME_RE.fullmatch(slug):
-        raise ConfigError(f"model.id: cannot derive a folder name from {mid!r}; set model.name")
-    return slug
-
-
-# model keys that change the prepared folder's content (trust_remote_code only allows loading)
-MODEL_CONTENT_KEYS = ("id", "revision", "fallback_chat_template")
-
-
-def model_dir(model_cfg: dict) -> str:
-    """models/{name}-{key}: the key hashes every setting that changes the folder's content, so
-    experiments with different settings never overwrite each other's base model."""
-    content = json.dumps({k: model_cfg.get(k) for k in MODEL_CONTENT_KEYS}, sort_keys=True)
-    key = hashlib.sha256(content.encode()).hexdigest()[:8]
-    return f"models/{model_name(model_cfg)}-{key}"

@@ -1,7 +1,8 @@
 """experiment.json: where every artifact of one experiment lives (its own and the shared ones),
 with its resolved config, so one file answers "what went into this result"."""
 
-from workflow_scripts.common import Job, snakemake_main, write_json
+from workflow_scripts.files import write_json
+from workflow_scripts.stage import Job, snakemake_main
 
 
 def run(job: Job) -> None:

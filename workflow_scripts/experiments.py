@@ -13,6 +13,7 @@ other:
     models/{model}-{key}/                           prepare_base_model (model id, revision, template)
     results/shared/formatted/{dataset}-{model}-{key}/  format_dataset (+ base model, max_length, overlength)
     results/shared/eval_base/{dataset}-{model}-{key}/  eval_base (+ evaluation settings)
+    results/shared/general_base/{model}-{key}/      general_base (base model + general_ability)
     results/{experiment}/                           train, merge, eval_finetuned, compare (+ experiment.json)
     results/sweeps/{sweep}/                         leaderboard, best.json
 
@@ -24,15 +25,37 @@ import hashlib
 import itertools
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow_scripts.config import ConfigError, check_safe_name, model_dir, model_name, revalidate
+from workflow_scripts.checks import check_folder_lengths
+from workflow_scripts.config import ConfigError, check_safe_name, revalidate
+from workflow_scripts.sampling import sample_points
 
 # Sections a sweep may vary (the rest describe where and how jobs run, not the experiment).
 SWEEPABLE = ("training", "peft", "model", "messages_format", "filters", "evaluation", "dataset")
 # evaluation keys only `compare` reads: changing them must not re-run the base evaluation.
 COMPARE_ONLY = ("bootstrap_samples", "type_column")
+# training keys format_dataset reads: other training edits must not re-format the data.
+FORMAT_KEYS = ("max_length", "overlength")
+# general_ability keys only compare and the leaderboard read: changing them re-measures nothing.
+GENERAL_COMPARE_ONLY = ("tolerance", "exclude_from_winning")
+
+
+def format_settings(config: dict) -> dict:
+    """What format_dataset reads of the config (its folder's key hashes exactly this)."""
+    return {k: config["training"][k] for k in FORMAT_KEYS}
+
+
+def evaluation_settings(config: dict) -> dict:
+    """What an evaluation reads of the config: the evaluation section minus what only compare reads."""
+    return {k: v for k, v in config["evaluation"].items() if k not in COMPARE_ONLY}
+
+
+def general_settings(config: dict) -> dict:
+    """What a general-ability job reads of the config (general_base's folder key hashes it)."""
+    return {k: v for k, v in config["general_ability"].items() if k not in GENERAL_COMPARE_ONLY}
 
 
 def content_key(*parts) -> str:
@@ -41,9 +64,70 @@ def content_key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
+def _slug_or_empty(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
+
+
 def slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")
-    return s or "x"
+    return _slug_or_empty(text) or "x"
+
+
+# Names derived from an id or a value are a readable prefix of a folder name; the content key
+# next to them keeps folders apart, so they are cut to keep every folder name short.
+DERIVED_NAME_CHARS = 60
+# One value in a sweep point's name (longer ones end in a hash of the whole value), and the whole
+# name (a path component holds 255 bytes; checks.COMPONENT_MAX_CHARS leaves room for temporaries).
+POINT_VALUE_CHARS = 40
+POINT_NAME_CHARS = 150
+
+
+def shorten(text: str, limit: int, whole=None) -> str:
+    """``text`` itself if it fits ``limit``, else its start and a hash of ``whole`` (default: text),
+    so a shortened name still depends on the full value alone."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 9].rstrip('-.')}-{content_key(text if whole is None else whole)}"
+
+
+def model_name(model_cfg: dict) -> str:
+    """Readable folder name: `model.name`, else a slug of `model.id` (checked safe)."""
+    if model_cfg.get("name"):
+        return check_safe_name(model_cfg["name"], "model.name")
+    mid = model_cfg["id"]
+    if mid.startswith("embedded:"):
+        stem = mid.split(":", 1)[1]
+    elif mid.endswith(".gguf") or Path(mid).exists():
+        stem = Path(mid).name
+    else:
+        stem = mid.replace("/", "--")
+    name = _slug_or_empty(re.sub(r"\.gguf$", "", stem))[:DERIVED_NAME_CHARS].rstrip("-.")
+    if not name:
+        raise ConfigError(f"model.id: cannot derive a folder name from {mid!r}; set model.name")
+    return name
+
+
+# The shape of a shared folder's name ({readable}-{content_key}), for Snakemake's wildcard
+# constraints: a shape, not an alternation of every name, keeps planning linear in the points.
+SHARED_FOLDER_RE = r"[^/]+-[0-9a-f]{8}"
+
+
+def experiment_name_re(config: dict) -> str:
+    """The shape of the experiment names of a resolved config: the one name, or any point of
+    its sweep (point names never hold a `/`)."""
+    sweep = config.get("sweep")
+    if sweep:
+        return f"sweeps/{re.escape(sweep['name'])}/[^/]+"
+    return re.escape(config["experiment"])
+
+
+# model keys that change the prepared folder's content (trust_remote_code only allows loading)
+MODEL_CONTENT_KEYS = ("id", "revision", "fallback_chat_template")
+
+
+def model_dir(model_cfg: dict) -> str:
+    """models/{name}-{key}: the key hashes every setting that changes the folder's content, so
+    experiments with different settings never overwrite each other's base model."""
+    return f"models/{model_name(model_cfg)}-{content_key({k: model_cfg.get(k) for k in MODEL_CONTENT_KEYS})}"
 
 
 @dataclass(frozen=True)
@@ -57,6 +141,7 @@ class Experiment:
     base_model: str
     formatted: str
     base_eval: str
+    general_base: str | None = None  # None: general_ability is off
 
     @property
     def root(self) -> str:
@@ -72,6 +157,7 @@ class Experiment:
                 "base_model": self.base_model,
                 "formatted": self.formatted,
                 "base_evaluation": self.base_eval,
+                **({"general_base": self.general_base} if self.general_base else {}),
             },
             "own": {
                 "adapter": f"{self.root}/model",
@@ -85,16 +171,21 @@ class Experiment:
 
 
 def layout(name: str, config: dict) -> Experiment:
-    ds, mf, flt, ev = config["dataset"], config["messages_format"], config["filters"], config["evaluation"]
+    ds, mf, flt = config["dataset"], config["messages_format"], config["filters"]
     data_name = slug(Path(ds["id"]).stem if Path(ds["id"]).suffix else Path(ds["id"]).name or ds["id"])
+    data_name = data_name[:DERIVED_NAME_CHARS].rstrip("-.") or "x"
     base_model = model_dir(config["model"])
     data_key = content_key(ds)
     prep_key = content_key(data_key, mf, flt)
-    fmt = {k: config["training"][k] for k in ("max_length", "overlength")}
-    fmt_key = content_key(prep_key, base_model, fmt)
-    eval_key = content_key(fmt_key, {k: v for k, v in ev.items() if k not in COMPARE_ONLY})
+    fmt_key = content_key(prep_key, base_model, format_settings(config))
+    eval_key = content_key(fmt_key, evaluation_settings(config))
     model = model_name(config["model"])
-    return Experiment(
+    general_base = None
+    if config["general_ability"]["enabled"]:
+        # the text passages ship with the interpreter: another Python version, other passages
+        general_key = content_key(base_model, general_settings(config), f"python{sys.version_info[:2]}")
+        general_base = f"results/shared/general_base/{model}-{general_key}"
+    experiment = Experiment(
         name=name,
         config=config,
         data=f"results/shared/data/{data_name}-{data_key}",
@@ -102,7 +193,11 @@ def layout(name: str, config: dict) -> Experiment:
         base_model=base_model,
         formatted=f"results/shared/formatted/{data_name}-{model}-{fmt_key}",
         base_eval=f"results/shared/eval_base/{data_name}-{model}-{eval_key}",
+        general_base=general_base,
     )
+    paths = experiment.artifacts()
+    check_folder_lengths({**paths["shared"], "experiment": experiment.root}, f"experiment {name}")
+    return experiment
 
 
 # --- sweeps ------------------------------------------------------------------------------------
@@ -145,12 +240,15 @@ def _short_names(keys: list[str]) -> dict[str, str]:
 
 
 def point_overrides(sweep: dict) -> list[dict]:
-    """The grid's Cartesian product (in the order written), then the explicit points."""
+    """The grid's Cartesian product (in the order written), the explicit points, then the
+    sampled ones (workflow_scripts/sampling.py)."""
     grid = sweep.get("grid") or {}
     combos = (
         [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())] if grid else []
     )
-    return combos + [dict(p) for p in sweep.get("points") or []]
+    written = combos + [dict(p) for p in sweep.get("points") or []]
+    samples = sample_points(sweep["samples"], SWEEPABLE, written) if sweep.get("samples") else []
+    return written + samples
 
 
 def point_names(overrides: list[dict]) -> list[str]:
@@ -166,8 +264,16 @@ def point_names(overrides: list[dict]) -> list[str]:
     short = _short_names(list(dict.fromkeys(k for o in overrides for k in o)))
     names = []
     for o in overrides:
-        row = pd.DataFrame([{short[k]: slug(_value_text(v)) for k, v in o.items()}])
-        names.append(next(iter(Paramspace(row, filename_params="*").instance_patterns)))
+        row = pd.DataFrame(
+            [
+                {
+                    short[k]: shorten(slug(_value_text(v)), POINT_VALUE_CHARS, _value_text(v))
+                    for k, v in o.items()
+                }
+            ]
+        )
+        name = next(iter(Paramspace(row, filename_params="*").instance_patterns))
+        names.append(shorten(name, POINT_NAME_CHARS))
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         if n in seen:
@@ -188,7 +294,7 @@ def expand(config: dict) -> list[Experiment]:
     sweep_name = check_safe_name(sweep["name"], "sweep.name")
     overrides = point_overrides(sweep)
     if not overrides:
-        raise ConfigError("sweep: neither `grid` nor `points` gives a point")
+        raise ConfigError("sweep: none of `grid`, `points`, `samples` gives a point")
     names = point_names(overrides)
     base = copy.deepcopy(config)
     base.pop("sweep")
@@ -200,7 +306,7 @@ def expand(config: dict) -> list[Experiment]:
             _set_dotted(point, dotted, value, where)
         try:
             revalidate(point)
+            experiments.append(layout(f"sweeps/{sweep_name}/{name}", point))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        experiments.append(layout(f"sweeps/{sweep_name}/{name}", point))
     return experiments

@@ -5,6 +5,9 @@ stored in ``trainer_keys.json`` (regenerate with ``python -m workflow_scripts.tr
 --write``; a test checks it matches the installed libraries) so that config loading can check
 key names and values without importing TRL.
 
+snaketune's own keys in those sections (``OWN_KEYS``) are known here too: ``problems`` checks
+a section, ``trainer_kwargs`` / ``lora_kwargs`` give what is passed to the library.
+
 Each field maps to ``"any"`` (annotation too complex to check honestly: left to the library) or
 ``{"types": [...], "enum": [...], "items": spec}`` with JSON type names: a value passes if its
 type is listed (an integer also passes as a number), a string is one of ``enum`` when given,
@@ -19,8 +22,21 @@ import json
 import types
 import typing
 from pathlib import Path
+from typing import Any
 
 KEYS_FILE = Path(__file__).with_name("trainer_keys.json")
+# snaketune's own keys inside `training` / `peft` (everything else must be a TRL / PEFT field).
+OWN_TRAINING_KEYS = {
+    "file",
+    "overlength",
+    "early_stopping_patience",
+    "num_processes",
+    "accelerate_config",
+    "fast_path",
+}
+OWN_PEFT_KEYS = {"file"}
+OWN_KEYS = {"training": OWN_TRAINING_KEYS, "peft": OWN_PEFT_KEYS}
+LIBRARY_CLASSES = {"training": "TRL SFTConfig", "peft": "PEFT LoraConfig"}
 ANY = "any"
 _SCALARS = {
     bool: "boolean",
@@ -186,30 +202,44 @@ def _problem(value, spec, where: str) -> str | None:
     return f"{where}: expected {wanted}, got {got}"
 
 
-def check_max_steps(training: dict) -> None:
+def max_steps_problem(training: dict) -> str | None:
     """TRL reads max_steps <= 0 as "train by epochs": only its unset value -1 may say so."""
-    from workflow_scripts.config import ConfigError
-
     steps = training.get("max_steps")
     if _json_type(steps) == "integer" and (steps == 0 or steps < -1):
-        raise ConfigError(
+        return (
             f"training.max_steps: must be a positive number of steps (or -1 / absent to train "
             f"for num_train_epochs), got {steps}"
         )
+    return None
 
 
-def check_values(section: str, values: dict, own_keys: set[str]) -> None:
-    """Check each passed-through key's value; unknown keys are left to the key-name check."""
-    from workflow_scripts.config import ConfigError
-
-    specs = load()[section]
+def problems(section: str, values: dict) -> list[str]:
+    """What is wrong in ``section`` (`training` or `peft`), one line each, naming the key: a key
+    that is neither a field of the library's class nor snaketune's own, then a passed-through
+    value the field does not accept. Empty when all is well (config.py raises on the first)."""
+    own, specs = OWN_KEYS[section], load()[section]
+    found = []
+    for key in values:
+        if key not in own and key not in specs:
+            close = difflib.get_close_matches(key, sorted(own | set(specs)), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            found.append(f"{section}.{key}: not a {LIBRARY_CLASSES[section]} field nor a snaketune key{hint}")
     for key, value in values.items():
-        if key in own_keys or key not in specs:
-            continue
-        if problem := _problem(value, specs[key], f"{section}.{key}"):
-            raise ConfigError(problem)
-    if section == "training" and "max_steps" not in own_keys:
-        check_max_steps(values)
+        if key in specs and key not in own and (problem := _problem(value, specs[key], f"{section}.{key}")):
+            found.append(problem)
+    if section == "training" and (problem := max_steps_problem(values)):
+        found.append(problem)
+    return found
+
+
+def trainer_kwargs(training: dict) -> dict[str, Any]:
+    """The SFTConfig part of the `training` section."""
+    return {k: v for k, v in training.items() if k not in OWN_TRAINING_KEYS}
+
+
+def lora_kwargs(peft: dict) -> dict[str, Any]:
+    """The LoraConfig part of the `peft` section."""
+    return {k: v for k, v in peft.items() if k not in OWN_PEFT_KEYS}
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ import pytest
 import torch
 from conftest import REPO, train_bpe_tokenizer, with_defaults, write_formatted
 
-from workflow_scripts.common import Job
+from workflow_scripts.stage import Job
 
 CUDA = torch.cuda.is_available()
 ON_CPU = os.environ.get("SNAKETUNE_GPU_CHECKS_ON_CPU") == "1"
@@ -164,7 +164,8 @@ def test_resume_after_sigkill(tmp_path, tiny_model_dir, record_property):
     job = train_job(tmp_path / "out", splits, tiny_model_dir, training)
     script = (
         "import json, sys\nsys.path.insert(0, sys.argv[2])\n"
-        "from workflow_scripts.common import Job, setup_logging\n"
+        "from workflow_scripts.logs import setup_logging\n"
+        "from workflow_scripts.stage import Job\n"
         "from workflow_scripts.training import train\nkw = json.loads(open(sys.argv[1]).read())\n"
         "setup_logging(kw.pop('log'))\ntrain.run(Job(**kw))\n"
     )

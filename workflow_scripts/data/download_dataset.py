@@ -8,20 +8,24 @@ the record of which files fed each split and what was carved with which seed.
 
 import hashlib
 import logging
+import os
 
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.common import Job, StageError, hf_token, snakemake_main, write_json, write_parquet
+from workflow_scripts.credentials import hf_token
 from workflow_scripts.data.sources import (
     SPLIT_KEYWORDS,
     SPLITS,
     SourceError,
+    carve_counts,
     local_split_files,
     looks_local,
     read_rows,
     rows_as_text,
 )
+from workflow_scripts.files import write_json, write_parquet
+from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.download_dataset")
 
@@ -48,9 +52,10 @@ def load_local(cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
             for f in files:
                 file_rows = read_rows(f)
                 rows.extend(file_rows)
-                files_record.setdefault(split, []).append(
-                    {"path": f, "sha256": _sha256(f), "rows": len(file_rows)}
-                )
+                entry = {"path": f, "sha256": _sha256(f), "rows": len(file_rows)}
+                if os.path.realpath(f) != os.path.abspath(f):  # reached through a link
+                    entry["resolved"] = os.path.realpath(f)
+                files_record.setdefault(split, []).append(entry)
             frames[split] = pd.DataFrame(rows, dtype=object)
     except SourceError as exc:
         raise StageError(str(exc)) from None
@@ -131,13 +136,12 @@ def make_splits(frames: dict[str, pd.DataFrame], cfg: dict) -> tuple[dict[str, p
     missing = [s for s in ("validation", "test") if s not in named]
     carved = {}
     if missing:
-        share = {s: ratios[s] for s in missing}
-        total = ratios["train"] + sum(share.values())
-        n, start = len(train), 0
+        total = ratios["train"] + sum(ratios[s] for s in missing)
+        counts, start = carve_counts(len(train), ratios, missing), 0
         for s in missing:
-            k = round(n * share[s] / total)
+            k = counts[s]
             named[s] = train.iloc[start : start + k].reset_index(drop=True)
-            carved[s] = {"rows": k, "share_of_train_pool": round(share[s] / total, 6)}
+            carved[s] = {"rows": k, "share_of_train_pool": round(ratios[s] / total, 6)}
             start += k
         train = train.iloc[start:].reset_index(drop=True)
         log.info("carved %s out of the train split (seed %d): %s", missing, seed, carved)

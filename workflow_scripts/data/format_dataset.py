@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.common import Job, StageError, read_jsonl, snakemake_main, write_json, write_parquet
+from workflow_scripts.files import read_jsonl, write_json, write_parquet
 from workflow_scripts.models.families import ChatFormatter
 from workflow_scripts.models.loading import load_chat_formatter, load_tokenizer
+from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.format_dataset")
 

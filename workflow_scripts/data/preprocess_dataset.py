@@ -7,8 +7,10 @@ from collections import Counter
 
 import pandas as pd
 
-from workflow_scripts.common import Job, StageError, snakemake_main, write_json, write_jsonl
-from workflow_scripts.config import ConfigError, check_messages_format, render_template
+from workflow_scripts.config import ConfigError, check_messages_format
+from workflow_scripts.data.templates import render_template
+from workflow_scripts.files import write_json, write_jsonl
+from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.preprocess_dataset")
 

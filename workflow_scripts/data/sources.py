@@ -12,8 +12,9 @@ end of the name, ``-``, ``_``, ``.``, a space or a digit. `finqa_train.jsonl`, `
 matches no split, or more than one, is an error: it is never silently training data.
 """
 
-import glob
+import functools
 import json
+import os
 import re
 from pathlib import Path
 
@@ -40,6 +41,12 @@ DATA_FILES_HINT = (
 )
 
 
+# Directory entries a folder scan or a glob may visit: a dataset folder holds far fewer, a
+# pattern such as `/**/*.jsonl` (the whole filesystem) far more. Past it the load stops and says so.
+MAX_SCAN_ENTRIES = 50_000
+GLOB_CHARS = "*?["
+
+
 class SourceError(ValueError):
     """Bad dataset input; the message names the key or file at fault."""
 
@@ -63,20 +70,107 @@ def split_of(relative: str) -> str | None:
     return found.pop() if found else None
 
 
+def _scan(top: Path, key: str, what: str) -> list[str]:
+    """Every file under ``top`` as a path relative to it, hidden files and folders left out.
+
+    Symlinked folders and files are followed (a `test -> /data/holdout` link is data like any
+    other; a link that loops is followed once). At most MAX_SCAN_ENTRIES entries are visited, so
+    no pattern or folder can walk the whole filesystem. Callers refuse broken links they would use.
+    """
+    found, visited, seen_dirs = [], 0, set()
+    for folder, dirs, files in os.walk(top, followlinks=True, onerror=None):
+        real = os.path.realpath(folder)
+        if real in seen_dirs:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        visited += len(dirs) + len(files)
+        if visited > MAX_SCAN_ENTRIES:
+            raise SourceError(
+                f"{key}: {what} visits more than {MAX_SCAN_ENTRIES} entries under {top}; point it at "
+                "the folder that holds the data"
+            )
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = Path(folder).relative_to(top)
+        for name in sorted(files):
+            if not name.startswith("."):
+                found.append(str(rel / name))
+    return found
+
+
+def _existing(path: Path, key: str) -> Path:
+    if not path.exists():  # never skipped: it would silently change what a split holds
+        raise SourceError(f"{key}: {path} is a broken link (its target {os.readlink(path)} is missing)")
+    return path
+
+
 def _data_files_in(folder: Path) -> list[Path]:
-    return sorted(
-        f
-        for f in folder.rglob("*")
-        if f.is_file() and f.suffix.lower() in FORMATS and not any(p.startswith(".") for p in f.parts)
-    )
+    files = _scan(folder, "dataset.id", f"scanning folder {folder}")
+    out = []
+    for rel in files:
+        suffix = Path(rel).suffix.lower()
+        if suffix in FORMATS:
+            out.append(_existing(folder / rel, "dataset.id"))
+        elif split_of(rel) is not None:  # named like a split but unreadable: never skipped silently
+            raise SourceError(
+                f"dataset.id: {folder / rel} names a split but is not a json, jsonl, csv or parquet file; "
+                "convert it, or move it out of the folder"
+            )
+    return out
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob as a regex on `/`-separated relative paths: `*`, `?` and `[...]` stay inside one
+    component, `**` matches any number of components (the `glob` module's rules)."""
+    out = []
+    parts = pattern.split("/")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]+/)*")
+            continue
+        j, rx = 0, ""
+        while j < len(part):
+            c = part[j]
+            if c == "*":
+                rx += "[^/]*"
+            elif c == "?":
+                rx += "[^/]"
+            elif c == "[" and "]" in part[j + 2 :]:
+                end = part.index("]", j + 2)
+                body = part[j + 1 : end]
+                rx += "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+                j = end
+            else:
+                rx += re.escape(c)
+            j += 1
+        out.append(rx + ("" if last else "/"))
+    return re.compile("".join(out) + r"\Z", re.DOTALL)
 
 
 def _expand(pattern: str, base: Path, key: str) -> list[Path]:
+    """The files a path or glob names, as normalised paths (`a/../b` -> `b`), sorted.
+
+    A plain path may point anywhere; a glob is matched by walking from its literal part (the
+    folders before the first wildcard), with the walk bounded (_scan).
+    """
     path = Path(pattern).expanduser()
-    full = path if path.is_absolute() else base / path
-    matches = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
-    if not matches:
-        raise SourceError(f"{key}: {pattern!r} matches no file (looked in {base})")
+    full = Path(os.path.normpath(path if path.is_absolute() else base / path))
+    if not any(c in str(full) for c in GLOB_CHARS):
+        if not full.exists():
+            raise SourceError(f"{key}: {pattern!r} matches no file ({full} does not exist)")
+        if not full.is_file():
+            raise SourceError(f"{key}: {full} is not a file (name the files in it, e.g. '{pattern}/*.jsonl')")
+        matches = [full]
+    else:
+        parts = full.parts
+        first = next(i for i, p in enumerate(parts) if any(c in p for c in GLOB_CHARS))
+        top = Path(*parts[:first]) if first else Path(".")
+        rx = _glob_regex("/".join(parts[first:]))
+        scanned = _scan(top, key, f"the pattern {pattern!r}") if top.is_dir() else []
+        matches = [_existing(top / rel, key) for rel in scanned if rx.match(rel)]
+        if not matches:
+            raise SourceError(f"{key}: {pattern!r} matches no file (looked in {top})")
     for m in matches:
         if m.suffix.lower() not in FORMATS:
             raise SourceError(f"{key}: {m} is not a json, jsonl, csv or parquet file")
@@ -137,14 +231,75 @@ def local_split_files(cfg: dict) -> tuple[dict[str, list[str]], str]:
 
 
 def _check_disjoint(by_split: dict[str, list[str]]) -> None:
-    seen: dict[str, str] = {}
+    """No file feeds two splits, however it is reached (another spelling, a link to it)."""
+    seen: dict[str, tuple[str, str]] = {}
     for split, files in by_split.items():
         for f in files:
-            if f in seen:
+            real = os.path.realpath(f)
+            if real in seen:
+                other, first = seen[real]
+                same = f if first == f else f"{f} (the same file as {first})"
                 raise SourceError(
-                    f"dataset.data_files: {f} is listed for both {seen[f]} and {split}; a file feeds one split"
+                    f"dataset.data_files: {same} is listed for both {other} and {split}; a file feeds one split"
                 )
-            seen[f] = split
+            seen[real] = (split, f)
+
+
+def check_hub_data_files(cfg: dict) -> None:
+    """A Hub dataset's data_files are paths inside its repository: relative, never leaving it."""
+    for split, spec in (cfg.get("data_files") or {}).items():
+        for pattern in [spec] if isinstance(spec, str) else spec:
+            norm = os.path.normpath(pattern)
+            if pattern.startswith(("/", "~")) or norm == ".." or norm.startswith("../"):
+                raise SourceError(
+                    f"dataset.data_files.{split}: {pattern!r} is outside the Hub repository of dataset.id "
+                    "(files of a Hub dataset are relative paths inside it)"
+                )
+
+
+def carve_counts(rows: int, ratios: dict, missing: list[str]) -> dict[str, int]:
+    """Rows per split when ``missing`` splits are carved out of ``rows`` train rows (train gets
+    the rest); the one rule download_dataset cuts by and the load-time check predicts with."""
+    total = ratios["train"] + sum(ratios[s] for s in missing)
+    counts = {s: round(rows * ratios[s] / total) for s in missing}
+    return {"train": rows - sum(counts.values()), **counts}
+
+
+# Files larger than this are not counted at load (download_dataset checks the carved splits).
+COUNT_MAX_BYTES = 256 * 2**20
+
+
+def count_rows(files: list[str]) -> int | None:
+    """Rows of local data files where that is cheap (JSON lines: non-empty lines; parquet: its
+    metadata), None otherwise (csv, JSON arrays, large files). Each file is counted once per
+    process while it is unchanged (a sweep checks every point)."""
+    total = 0
+    for f in files:
+        st = os.stat(f)
+        n = _count_file(os.path.realpath(f), st.st_size, st.st_mtime_ns)
+        if n is None:
+            return None
+        total += n
+    return total
+
+
+@functools.lru_cache(maxsize=256)
+def _count_file(path: str, size: int, mtime_ns: int) -> int | None:
+    kind = Path(path).suffix.lower()
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # unreadable: download_dataset names the problem
+            return None
+    if kind in (".jsonl", ".json") and size <= COUNT_MAX_BYTES:
+        with open(path, "rb") as fh:
+            if fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":
+                return None  # a JSON array: counted when read
+            fh.seek(0)
+            return sum(1 for line in fh if line.strip())
+    return None
 
 
 # --- reading: every cell as the text written in the file ---------------------------------

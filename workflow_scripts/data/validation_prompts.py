@@ -10,7 +10,8 @@ import logging
 
 import pandas as pd
 
-from workflow_scripts.common import Job, StageError, snakemake_main, write_parquet
+from workflow_scripts.files import write_parquet
+from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.validation_prompts")
 

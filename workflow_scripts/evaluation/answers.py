@@ -42,8 +42,13 @@ import string
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 
+from workflow_scripts.config import schema_default
+
 THINK_END = "</think>"
 MODES = ("precision", "relative")
+# The defaults of judge / is_correct are the config's (evaluation.answer_match / answer_tolerance).
+DEFAULT_MODE = schema_default("evaluation.answer_match")
+DEFAULT_REL_TOL = schema_default("evaluation.answer_tolerance")
 # scale word -> (power of ten, canonical word)
 SCALE_WORDS = {
     "thousand": (3, "thousand"),
@@ -206,7 +211,9 @@ def _judge_numbers(pred: Number, ref: Number, mode: str, rel_tol: float) -> tupl
     return False, closest[1]
 
 
-def judge(prediction: str, reference: str, mode: str = "precision", rel_tol: float = 0.01) -> Judgement:
+def judge(
+    prediction: str, reference: str, mode: str = DEFAULT_MODE, rel_tol: float = DEFAULT_REL_TOL
+) -> Judgement:
     """Whether `prediction` answers like `reference`, and by which rule (see the module docstring)."""
     if mode not in MODES:
         raise ValueError(f"answer matching mode must be one of {MODES}, not {mode!r}")
@@ -231,7 +238,9 @@ def judge(prediction: str, reference: str, mode: str = "precision", rel_tol: flo
     return Judgement(correct, rule, str(ref_num), str(pred_num))
 
 
-def is_correct(prediction: str, reference: str, rel_tol: float = 0.01, mode: str = "precision") -> bool:
+def is_correct(
+    prediction: str, reference: str, rel_tol: float = DEFAULT_REL_TOL, mode: str = DEFAULT_MODE
+) -> bool:
     """`judge(...).correct`."""
     return judge(prediction, reference, mode, rel_tol).correct
 

@@ -11,28 +11,29 @@ from collections import defaultdict
 
 import numpy as np
 
-from workflow_scripts.common import Job, StageError, atomic_path, read_jsonl, snakemake_main, write_json
+from workflow_scripts.evaluation import general_compare
+from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
+from workflow_scripts.evaluation.metrics import PAIRED, UNPAIRED
+from workflow_scripts.files import atomic_path, read_jsonl, write_json
+from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.compare")
 
-# per-example key in the predictions file -> metric name in the report
-PAIRED = {
-    "correct": "answer_accuracy",
-    "follows_format": "format_following",
-    "rougeL": "rougeL",
-    "bertscore_f1": "bertscore_f1",
-}
 NO_NUMBER = "no-number-in-prediction"  # answers.judge's rule for a prediction without a number
 
 
-def paired_bootstrap_ci(base, tuned, samples: int, seed: int, level: float = 0.95):
-    """CI of mean(tuned - base) resampling examples with replacement (pairs kept together)."""
-    diff = np.asarray(tuned, dtype=float) - np.asarray(base, dtype=float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(diff), size=(samples, len(diff)))
-    means = diff[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(diff.mean()), float(lo), float(hi)
+def paired_delta(base_rows: list[dict], tuned_rows: list[dict], key: str, samples: int, seed: int) -> dict:
+    """Means of per-example `key` on the same prompts and the paired-bootstrap CI of their difference."""
+    base = [float(r[key]) for r in base_rows]
+    tuned = [float(r[key]) for r in tuned_rows]
+    delta, lo, hi = paired_bootstrap_ci(base, tuned, samples, seed)
+    return {
+        "base": float(np.mean(base)),
+        "finetuned": float(np.mean(tuned)),
+        "delta": delta,
+        "ci95": [lo, hi],
+        "significant": bool(lo > 0 or hi < 0),
+    }
 
 
 def compare(
@@ -42,20 +43,11 @@ def compare(
         b["prompt"] != t["prompt"] for b, t in zip(base_rows, tuned_rows, strict=True)
     ):
         raise StageError("compare: base and fine-tuned predictions are not on the same test prompts")
-    metrics = {}
-    for key, name in PAIRED.items():
-        if key not in base_rows[0] or key not in tuned_rows[0]:
-            continue
-        base = [float(r[key]) for r in base_rows]
-        tuned = [float(r[key]) for r in tuned_rows]
-        delta, lo, hi = paired_bootstrap_ci(base, tuned, samples, seed)
-        metrics[name] = {
-            "base": float(np.mean(base)),
-            "finetuned": float(np.mean(tuned)),
-            "delta": delta,
-            "ci95": [lo, hi],
-            "significant": bool(lo > 0 or hi < 0),
-        }
+    metrics = {
+        name: paired_delta(base_rows, tuned_rows, key, samples, seed)
+        for key, name in PAIRED.items()
+        if key in base_rows[0] and key in tuned_rows[0]
+    }
     by_type = {}
     if type_column and "correct" in base_rows[0] and type_column in base_rows[0].get("meta", {}):
         groups = defaultdict(lambda: [0, 0, 0])
@@ -117,7 +109,7 @@ def to_markdown(report: dict, base_eval: dict, tuned_eval: dict) -> str:
             f"- answers with no number where one was expected: {unparsed['base']} (base), "
             f"{unparsed['finetuned']} (fine-tuned)"
         )
-    for name in ("rouge1", "rouge2", "rougeLsum", "bertscore_precision", "bertscore_recall"):
+    for name in UNPAIRED:  # values without per-example scores: no CI
         b, t = base_eval["metrics"].get(name), tuned_eval["metrics"].get(name)
         if b is not None and t is not None:
             lines.append(f"- {name}: {b:.3f} -> {t:.3f}")
@@ -199,9 +191,12 @@ def run(job: Job) -> dict:
     report["answer_matching"] = matching
     report["base_metrics"] = base_eval["metrics"]
     report["finetuned_metrics"] = tuned_eval["metrics"]
+    markdown = to_markdown(report, base_eval, tuned_eval)
+    if "general_base" in job.input:  # general_ability enabled: its cost beside the task's gain
+        report["general_ability"], markdown = general_compare.section(job, report, markdown)
     plot(report, job.output.metrics_plot, job.output.by_type_plot)
     with atomic_path(job.output.markdown) as tmp:
-        tmp.write_text(to_markdown(report, base_eval, tuned_eval))
+        tmp.write_text(markdown)
     write_json(job.output.comparison, report)
     acc = report["metrics"].get("answer_accuracy")
     if acc:

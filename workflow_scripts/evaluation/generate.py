@@ -6,11 +6,13 @@ all prompts of a batch share is encoded once; on a CPU, prompts of similar lengt
 together (prefill_groups) and their caches merged, left-padded, for decoding together; the KV
 cache reserves room for the whole generation (ReservedLayer); and a row leaves the batch (and its
 KV cache) the step it emits EOS. Position ids follow the attention mask, so greedy outputs equal
-one-prompt-at-a-time generation (tested).
+one-prompt-at-a-time generation (tested). Sampling (temperature, top_p) happens here too, and
+`stream` hands one prompt's answer out as it grows (the chat command) on the same decode path.
 """
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -218,9 +220,11 @@ def generate_batch(
     gen=None,
     family: ModelFamily | None = None,
     split: bool | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ):
     """Token ids generated for each prompt (EOS excluded). `split`: prefill in length groups
-    (default: where split_prefill allows it)."""
+    (default: where split_prefill allows it). `on_token(row, token id)` is called for every token
+    the step it is generated (streaming)."""
     family = family or family_of(model.config)
     split = split_prefill(model, family) if split is None else split
     device = model.device
@@ -284,6 +288,8 @@ def generate_batch(
         for row, t, d in zip(active.tolist(), token.tolist(), done.tolist(), strict=True):
             if not d:
                 results[row].append(t)
+                if on_token is not None:
+                    on_token(row, t)
         if step == s.max_new_tokens - 1:
             break
         keep = ~done
@@ -298,6 +304,43 @@ def generate_batch(
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
     return results
+
+
+def stream(
+    model,
+    tok,
+    prompt_ids: list[int],
+    s: GenerationSettings,
+    emit: Callable[[str], None],
+    stop_ids: list[int] | None = None,
+    family: ModelFamily | None = None,
+) -> list[int]:
+    """Generate for one prompt on generate_batch's path, calling ``emit(text)`` with each new piece
+    of the answer as it grows: a half-decoded character, or text a later token could still change,
+    is held back until it settles. Returns the token ids (EOS excluded): greedy, they are the ids
+    `generate` gives the same prompt (the same decode path, one row)."""
+    stop_ids = stop_ids if stop_ids is not None else eos_ids(model, tok)
+    gen = torch.Generator(device=model.device).manual_seed(s.seed) if s.do_sample else None
+    ids: list[int] = []
+    shown = ""
+
+    def show(text: str) -> None:
+        nonlocal shown
+        if text.startswith(shown) and len(text) > len(shown):
+            emit(text[len(shown) :])
+            shown = text
+
+    def on_token(row: int, token: int) -> None:
+        ids.append(token)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            show(text)
+
+    model.eval()
+    pad_id = stop_ids[0]  # one row is never padded
+    (out,) = generate_batch(model, [prompt_ids], pad_id, stop_ids, s, gen, family, on_token=on_token)
+    show(tok.decode(out, skip_special_tokens=True))
+    return out
 
 
 def make_batches(
@@ -318,6 +361,21 @@ def make_batches(
     return batches
 
 
+def check_context_window(model, family: ModelFamily, lengths: list[int], max_new_tokens: int) -> None:
+    """The longest prompt plus max_new_tokens fits the model's context window, so the KV cache a
+    batch reserves (prompt + max_new_tokens) is bounded by the window; one line before any work."""
+    from workflow_scripts.stage import StageError
+
+    window = getattr(family.text_config(model.config), "max_position_embeddings", None)
+    longest = max(lengths, default=0)
+    if isinstance(window, int) and longest + max_new_tokens > window:
+        raise StageError(
+            f"evaluation.max_new_tokens: {max_new_tokens} new tokens after the longest prompt "
+            f"({longest} tokens) exceed the model's context window ({window} tokens); lower it to "
+            f"{max(window - longest, 0)} or less"
+        )
+
+
 def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progress=True) -> dict:
     """Generate for every prompt; returns texts, token counts and timing, in the input order."""
     from tqdm.auto import tqdm
@@ -325,6 +383,7 @@ def generate(model, tok, prompt_texts: list[str], s: GenerationSettings, progres
     model.eval()
     family = family_of(model.config)
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+    check_context_window(model, family, [len(e) for e in encoded], s.max_new_tokens)
     window = family.sliding_window(model.config)
     batches = make_batches([len(e) for e in encoded], s.batch_size, s.max_new_tokens, window)
     split = split_prefill(model, family)

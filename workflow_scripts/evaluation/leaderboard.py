@@ -15,8 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.common import Job, StageError, atomic_path, read_jsonl, snakemake_main, write_json
-from workflow_scripts.evaluation.compare import PAIRED, paired_bootstrap_ci
+from workflow_scripts.evaluation import general_compare
+from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
+from workflow_scripts.evaluation.compare import paired_delta
+from workflow_scripts.evaluation.metrics import PAIRED, producer
+from workflow_scripts.files import atomic_path, read_jsonl, write_json
+from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.leaderboard")
 
@@ -33,7 +37,10 @@ def selection_value(select_by, run_info: dict, validation_eval: dict | None) -> 
         return float(value), False
     metric = select_by["metric"]
     if validation_eval is None or metric not in validation_eval["metrics"]:
-        raise StageError(f"sweep.select_by.metric: {metric!r} is not in the validation evaluation")
+        raise StageError(
+            f"sweep.select_by.metric: {metric!r} is not in the validation evaluation "
+            f"(evaluation.metrics must include {producer(metric)!r})"
+        )
     return float(validation_eval["metrics"][metric]), True
 
 
@@ -49,8 +56,9 @@ def metric_table(predictions: list[dict], samples: int, seed: int) -> dict[str, 
     return out
 
 
-def build(points: list[dict], select_by, samples: int, seed: int) -> dict:
-    """``points``: name, run_info, predictions, validation_eval (or None), comparison, deployment."""
+def build(points: list[dict], select_by, samples: int, seed: int, general: dict | None = None) -> dict:
+    """``points``: name, run_info, predictions, validation_eval (or None), comparison, deployment.
+    ``general``: the general_ability settings (whether flagged points may win)."""
     if not points:
         raise StageError("leaderboard: no points")
     rows = []
@@ -66,10 +74,12 @@ def build(points: list[dict], select_by, samples: int, seed: int) -> dict:
                     k: {"delta": v["delta"], "ci95": v["ci95"]} for k, v in p["comparison"]["metrics"].items()
                 },
                 "deployment_model": p["deployment"],
+                "general_ability": general_compare.leaderboard_cells(p["comparison"]),
             }
         )
     pick = max if higher else min
-    best = pick(range(len(rows)), key=lambda i: rows[i]["selection_value"])
+    # still chosen on validation; general_ability.exclude_from_winning only removes flagged points
+    best = pick(general_compare.eligible(rows, general), key=lambda i: rows[i]["selection_value"])
     best_preds = points[best]["predictions"]
     prompts = [r["prompt"] for r in best_preds]
     for i, (row, p) in enumerate(zip(rows, points, strict=True)):
@@ -82,17 +92,8 @@ def build(points: list[dict], select_by, samples: int, seed: int) -> dict:
             continue
         for key, name in PAIRED.items():
             if key in best_preds[0] and key in p["predictions"][0]:
-                delta, lo, hi = paired_bootstrap_ci(
-                    [float(r[key]) for r in best_preds],
-                    [float(r[key]) for r in p["predictions"]],
-                    samples,
-                    seed,
-                )
-                row["vs_selected"][name] = {
-                    "delta": delta,
-                    "ci95": [lo, hi],
-                    "significant": bool(lo > 0 or hi < 0),
-                }
+                d = paired_delta(best_preds, p["predictions"], key, samples, seed)
+                row["vs_selected"][name] = {k: d[k] for k in ("delta", "ci95", "significant")}
     order = sorted(range(len(rows)), key=lambda i: rows[i]["selection_value"], reverse=bool(higher))
     return {
         "select_by": select_by,
@@ -100,6 +101,10 @@ def build(points: list[dict], select_by, samples: int, seed: int) -> dict:
         "n_test_examples": len(prompts),  # of the selected point
         "selected": rows[best]["experiment"],
         "points": [rows[i] for i in order],
+        "general_ability": {
+            "exclude_from_winning": bool(general and general.get("exclude_from_winning")),
+            "flagged": [r["experiment"] for r in rows if (r["general_ability"] or {}).get("flagged")],
+        },
     }
 
 
@@ -144,6 +149,7 @@ def to_markdown(board: dict, sweep_name: str) -> str:
             + " | ".join(cells)
             + f" | {vs} |"
         )
+    lines += general_compare.leaderboard_markdown(board)
     winner = next(r for r in board["points"] if r["selected"])
     lines += ["", f"Deployment model of the selected point: `{winner['deployment_model']}`"]
     return "\n".join(lines) + "\n"
@@ -155,6 +161,7 @@ def write_csv(board: dict, path: str) -> None:
     for n in names:
         header += [f"test_{n}", f"test_{n}_ci_low", f"test_{n}_ci_high"]
     header += ["accuracy_vs_selected", "accuracy_vs_selected_ci_low", "accuracy_vs_selected_ci_high"]
+    header += general_compare.csv_header(board)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -165,6 +172,7 @@ def write_csv(board: dict, path: str) -> None:
                 row += [m["mean"], *m["ci95"]] if m else ["", "", ""]
             v = r["vs_selected"].get("answer_accuracy")
             row += [v["delta"], *v["ci95"]] if v else ["", "", ""]
+            row += general_compare.csv_values(board, r)
             w.writerow(row)
 
 
@@ -250,7 +258,9 @@ def run(job: Job) -> dict:
         )
         curves[name] = eval_curve(job.input.metrics[i])
     sweep, evaluation = job.params.sweep, job.params.evaluation
-    board = build(loaded, sweep["select_by"], evaluation["bootstrap_samples"], evaluation["seed"])
+    board = build(
+        loaded, sweep["select_by"], evaluation["bootstrap_samples"], evaluation["seed"], job.params.general
+    )
     out = job.output
     write_json(out.json, board)
     with atomic_path(out.markdown) as tmp:

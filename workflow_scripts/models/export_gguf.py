@@ -31,15 +31,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workflow_scripts.common import (
-    Job,
-    StageError,
-    atomic_path,
-    run_logged,
-    set_threads,
-    snakemake_main,
-    write_json,
-)
+from workflow_scripts.files import atomic_path, write_json
+from workflow_scripts.logs import run_logged
+from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 
 log = logging.getLogger("snaketune.export_gguf")
 
@@ -160,15 +154,6 @@ def prompt_logits(model, ids_list: list[list[int]]) -> list[torch.Tensor]:
     ]
 
 
-def load_gguf(path: Path, dtype=torch.float32):
-    """(model, tokenizer) read back from a GGUF file by transformers' own loader (dequantised)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    return model, tok
-
-
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -214,11 +199,12 @@ class Reference:
 def check_file(path: Path, outtype: str, ref: Reference, cfg: dict, name: str) -> dict:
     """Load ``path`` back and compare it with the deployment model; the measures and the verdict."""
     from workflow_scripts.evaluation.generate import generate
+    from workflow_scripts.models.loading import load_gguf
 
     try:
         meta = gguf_metadata(path)
         t0 = time.perf_counter()
-        model, gguf_tok = load_gguf(path)
+        model, gguf_chat = load_gguf(path)
     except Exception as exc:
         raise StageError(
             f"export: {name} cannot be read back ({type(exc).__name__}: {str(exc)[:300]})"
@@ -235,12 +221,12 @@ def check_file(path: Path, outtype: str, ref: Reference, cfg: dict, name: str) -
     declared = sorted({int(meta[k]) for k in STOP_KEYS if k in meta})
     undeclared = [t for t in ref.stop_ids if t not in declared]
     ids_match = all(
-        gguf_tok(p, add_special_tokens=False)["input_ids"] == ids
+        gguf_chat.tokenizer(p, add_special_tokens=False)["input_ids"] == ids
         for p, ids in zip(ref.prompts, ref.ids, strict=True)
     )
     template = meta.get("tokenizer.chat_template")
     rendered_match = template == ref.chat_template and all(
-        gguf_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) == p
+        gguf_chat.render(m, add_generation_prompt=True) == p
         for m, p in zip(ref.messages, ref.prompts, strict=False)
     )
     result = {
@@ -288,7 +274,7 @@ def run(job: Job) -> dict:
     from workflow_scripts.models.families import family_of
 
     family = family_of(deployment_dir)
-    if family.auto_class != "AutoModelForCausalLM":
+    if not family.gguf_export:
         raise StageError(
             f"export: GGUF export covers text-only causal LMs; {family.name} models (vision/audio towers) are not supported"
         )
@@ -338,7 +324,7 @@ def run(job: Job) -> dict:
         report["total_s"] = round(time.perf_counter() - t_start, 1)
         report["passed"] = True
     if job.output.get("modelfile"):
-        from workflow_scripts.chat import prompt_format_of
+        from workflow_scripts.evaluation.prompt_format import prompt_format_of
 
         first = next(iter(outputs.values())).name
         with atomic_path(job.output.modelfile) as tmp:

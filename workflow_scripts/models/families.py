@@ -3,9 +3,9 @@
 A family answers every question a stage has about a model class: which transformers class
 loads it (and reloads the merged model), who owns the chat template (tokenizer or processor)
 and in which message shape, which Linear layers LoRA may target, where the text config is,
-whether attention has a sliding window, what the generation cache argument is called, how the
-model card loads the deployment model, and which chat template to install when a checkpoint
-has none. Stages ask ``family_of(model_dir | config)``; nothing else reads config.json or looks
+whether attention has a sliding window, what the generation cache argument is called, what the
+model card says of the deployment model (its Hub task, the code that loads it), whether it can be
+exported to GGUF, and which chat template to install when a checkpoint has none. Stages ask ``family_of(model_dir | config)``; nothing else reads config.json or looks
 at class names.
 
 Adding a family: one ``ModelFamily(...)`` in FAMILIES (before the families it is a special case
@@ -93,7 +93,8 @@ class ModelFamily:
     typed_content: bool  # messages carry content as typed parts [{"type": "text", "text": ...}]
     lora_scope: str | None  # LoRA only on Linear layers under this submodule (None: every one)
     fallback_template: str  # the TEMPLATES entry that matches the family's own turn format
-    pipeline_tag: str  # the Hub's task of the deployment model
+    pipeline_tag: str  # the Hub's task of the deployment model (its model card's `pipeline_tag`)
+    gguf_export: bool  # llama.cpp's converter and transformers' GGUF loader cover it (text-only decoders)
 
     # ---------------------------------------------------------------- loading and saving
     def model_class(self):
@@ -108,14 +109,13 @@ class ModelFamily:
         cls = transformers.AutoProcessor if self.template_owner == "processor" else transformers.AutoTokenizer
         return cls.from_pretrained(str(path), **kwargs)
 
-    @property
-    def usage_snippet(self) -> str:
-        """Python code that loads the deployment model (from ``path/to/deployment_model``), for its card."""
+    def usage_snippet(self, model_path: str) -> str:
+        """Python code that loads the deployment model from ``model_path``, for its card."""
         owner = "AutoProcessor" if self.template_owner == "processor" else "AutoTokenizer"
         return (
             f"from transformers import {self.auto_class}, {owner}\n\n"
-            f'model = {self.auto_class}.from_pretrained("path/to/deployment_model")\n'
-            f'{self.template_owner} = {owner}.from_pretrained("path/to/deployment_model")'
+            f'model = {self.auto_class}.from_pretrained("{model_path}")\n'
+            f'{self.template_owner} = {owner}.from_pretrained("{model_path}")'
         )
 
     # ---------------------------------------------------------------- chat
@@ -176,6 +176,7 @@ GEMMA3N = ModelFamily(
     lora_scope="language_model",
     fallback_template="gemma",
     pipeline_tag="image-text-to-text",
+    gguf_export=False,
 )
 # Gemma-3 text models (270M, 1B): causal LMs with local (sliding-window) and global layers.
 GEMMA3_TEXT = ModelFamily(
@@ -187,6 +188,7 @@ GEMMA3_TEXT = ModelFamily(
     lora_scope=None,
     fallback_template="gemma",
     pipeline_tag="text-generation",
+    gguf_export=True,
 )
 # Any other causal LM (SmolLM2, Llama, Qwen, ...).
 CAUSAL_LM = ModelFamily(
@@ -198,6 +200,7 @@ CAUSAL_LM = ModelFamily(
     lora_scope=None,
     fallback_template="chatml",
     pipeline_tag="text-generation",
+    gguf_export=True,
 )
 FAMILIES = (GEMMA3N, GEMMA3_TEXT, CAUSAL_LM)  # the first that detects the model is its family
 
@@ -206,11 +209,6 @@ def family_of(config) -> ModelFamily:
     """The family of a model: from its folder, its config.json as a dict, or its config object."""
     cfg = _config_dict(config)
     return next(f for f in FAMILIES if f.detect(cfg))
-
-
-def family_named(name: str) -> ModelFamily:
-    """The family a manifest.json names (its `family`)."""
-    return next(f for f in FAMILIES if f.name == name)
 
 
 @dataclass(frozen=True)

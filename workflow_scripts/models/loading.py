@@ -1,4 +1,5 @@
-"""Loading models, tokenizers and chat formatters the same way in every stage.
+"""Loading models, tokenizers and chat formatters the same way in every stage (and in the chat
+command): from a model folder, or from a GGUF file through transformers' GGUF loader.
 
 The model's family (workflow_scripts.models.families) decides the class and the chat-template
 owner, so training, merge and evaluation can never disagree about them; this module only adds
@@ -87,3 +88,26 @@ def load_chat_formatter(model_dir: str | Path) -> ChatFormatter:
     formatter = ChatFormatter(family, family.load_template_owner(model_dir))
     ensure_pad_token(formatter.tokenizer)
     return formatter
+
+
+def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """(model, chat formatter) read back from a GGUF file by transformers' own loader (dequantised),
+    as the family of the model it holds loads them."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    folder, where = str(path.parent), {"gguf_file": path.name}
+    family = family_of(AutoConfig.from_pretrained(folder, **where))
+    model = family.model_class().from_pretrained(folder, dtype=dtype, **where)
+    if device:
+        model.to(device)
+    formatter = ChatFormatter(family, family.load_template_owner(folder, **where))
+    ensure_pad_token(formatter.tokenizer)
+    return model, formatter
+
+
+def load_model_and_formatter(path: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None):
+    """(model, chat formatter) of a model folder or a GGUF file."""
+    if Path(path).is_file():
+        return load_gguf(path, dtype, device)
+    return load_model(path, dtype=dtype, device=device), load_chat_formatter(path)

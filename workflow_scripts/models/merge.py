@@ -13,9 +13,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workflow_scripts.common import Job, StageError, atomic_path, set_threads, snakemake_main, write_json
+from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models.loading import load_chat_formatter, load_model, load_tokenizer
 from workflow_scripts.models.model_card import merge_card
+from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 
 log = logging.getLogger("snaketune.merge")
 
@@ -76,7 +77,7 @@ def run(job: Job) -> dict:
                 f"merge: merged model differs from base + adapter (max logit diff {diff:.3e} > {TOLERANCE_FP32})"
             )
         write_json(tmp / "merge_report.json", report)
-        (tmp / "README.md").write_text(merge_card(base_dir, adapter_dir, run_info, report, usage=formatter.family.usage_snippet))
+        (tmp / "README.md").write_text(merge_card(base_dir, adapter_dir, run_info, report, formatter.family))
     return report
 
 

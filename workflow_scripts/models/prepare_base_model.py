@@ -11,19 +11,12 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.common import (
-    EmbeddedModel,
-    Job,
-    StageError,
-    atomic_path,
-    embedded_model,
-    hf_token,
-    snakemake_main,
-    write_json,
-)
-from workflow_scripts.config import model_name  # noqa: F401 - re-exported
+from workflow_scripts.credentials import hf_token
+from workflow_scripts.files import atomic_path, write_json
+from workflow_scripts.models.embedded import EmbeddedModel, embedded_model
 from workflow_scripts.models.families import TEMPLATES, ChatFormatter, family_of
 from workflow_scripts.models.loading import ensure_pad_token
+from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.prepare_base_model")
 

@@ -14,8 +14,11 @@ import json
 import logging
 from pathlib import Path
 
-from workflow_scripts.common import Job, StageError, atomic_path, hf_token, snakemake_main, write_json
+from workflow_scripts.credentials import hf_token
+from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models import model_card
+from workflow_scripts.models.families import family_of
+from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.push_to_hub")
 
@@ -105,6 +108,7 @@ def run(job: Job) -> dict:
     card = model_card.publish_card(
         card_path.read_text() if card_path.is_file() else "",
         repo_id=repo_id,
+        family=family_of(deployment_dir),
         manifest=manifest,
         dataset_cfg=job.params.get("dataset"),
         comparison=json.loads(Path(job.input.comparison).read_text()),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.common import write_json
+from workflow_scripts.files import write_json
 
 log = logging.getLogger("snaketune.train")
 

@@ -14,6 +14,8 @@ take its causal fast path instead of materialising a padded 4-D mask.
 import pandas as pd
 import torch
 
+from workflow_scripts.config import schema_default
+
 IGNORE = -100
 
 
@@ -45,9 +47,15 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 class Collator:
-    """Batch examples; ``pack=True`` packs them into rows of at most ``max_length`` tokens."""
+    """Batch examples; ``pack=True`` packs them into rows of at most ``max_length`` tokens
+    (by default as training.fast_path.packing's default says)."""
 
-    def __init__(self, pad_token_id: int, pack: bool = False, max_length: int | None = None):
+    def __init__(
+        self,
+        pad_token_id: int,
+        pack: bool = schema_default("training.fast_path.packing"),
+        max_length: int | None = None,
+    ):
         if pack and not max_length:
             raise ValueError("packing needs max_length")
         self.pad_token_id = pad_token_id

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.common import Job, StageError, run_logged
+from workflow_scripts.logs import run_logged
+from workflow_scripts.stage import Job, StageError
 
 log = logging.getLogger("snaketune.train")
 
@@ -24,10 +25,10 @@ def num_processes(training: dict, gpus: int) -> int:
     return max(training["num_processes"], gpus or 0)
 
 
-def relaunch(job: Job, nproc: int, resume: Path | None, spec_dir: Path) -> None:
-    """Run `train_process(job, resume)` in ``nproc`` processes; the children's output reaches
-    the log masked, like ours."""
-    spec = {"job": job.to_dict(), "resume": str(resume) if resume else None}
+def relaunch(job: Job, nproc: int, resume: Path | None, spec_dir: Path, entry: str) -> None:
+    """Run ``entry(job, resume)`` in ``nproc`` processes; ``entry`` is ``"module:function"``
+    (the processes import it by name). The children's output reaches the log masked, like ours."""
+    spec = {"entry": entry, "job": job.to_dict(), "resume": str(resume) if resume else None}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, dir=spec_dir) as f:
         json.dump(spec, f)
     accelerate_config = job.params.training["accelerate_config"]
@@ -53,17 +54,19 @@ def relaunch(job: Job, nproc: int, resume: Path | None, spec_dir: Path) -> None:
 
 
 def main() -> None:
-    """Entry of each launched process."""
+    """Entry of each launched process: run the spec's entry on its job."""
     import argparse
+    import importlib
 
-    from workflow_scripts.common import setup_logging
-    from workflow_scripts.training.train import train_process
+    from workflow_scripts.logs import setup_logging
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True)
     spec = json.loads(Path(parser.parse_args().spec).read_text())
     setup_logging(None)
-    train_process(Job(**spec["job"]), Path(spec["resume"]) if spec["resume"] else None)
+    module, function = spec["entry"].split(":")
+    entry = getattr(importlib.import_module(module), function)
+    entry(Job(**spec["job"]), Path(spec["resume"]) if spec["resume"] else None)
 
 
 if __name__ == "__main__":

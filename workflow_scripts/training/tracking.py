@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from workflow_scripts.common import atomic_path
+from workflow_scripts.files import atomic_path
 
 log = logging.getLogger("snaketune.train")
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.common import Job, StageError, atomic_path, set_threads, snakemake_main, write_json
-from workflow_scripts.config import lora_kwargs, trainer_kwargs
+from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models.families import ModelFamily, family_of
 from workflow_scripts.models.loading import (
     bf16_is_fast,
@@ -24,6 +23,8 @@ from workflow_scripts.models.loading import (
     load_tokenizer,
     torch_device,
 )
+from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
+from workflow_scripts.trainer_fields import lora_kwargs, trainer_kwargs
 from workflow_scripts.training import launch
 from workflow_scripts.training.checkpoints import (
     checkpoint_step,
@@ -43,15 +44,6 @@ from workflow_scripts.training.tracking import (
 
 log = logging.getLogger("snaketune.train")
 
-# Keys snaketune sets itself: a user value would break resume, logging or the data pipeline.
-MANAGED_KEYS = {
-    "output_dir",
-    "remove_unused_columns",
-    "dataset_kwargs",
-    "logging_dir",
-    "resume_from_checkpoint",
-}
-
 
 # ---------------------------------------------------------------- the stage
 def run(job: Job) -> dict:
@@ -67,7 +59,8 @@ def run(job: Job) -> dict:
         log.info("no complete checkpoint in %s: training from scratch", checkpoint_dir)
     nproc = launch.num_processes(training, job.params.gpus)
     if nproc > 1:
-        launch.relaunch(job, nproc, resume, checkpoint_dir)
+        # by import name: as a Snakemake script this file runs as __main__, which a child cannot import
+        launch.relaunch(job, nproc, resume, checkpoint_dir, "workflow_scripts.training.train:train_process")
         return json.loads(Path(job.output.run_info).read_text())
     return train_process(job, resume)
 
@@ -213,10 +206,7 @@ def build_trainer(
     dtype = torch.bfloat16 if store_bf16 else torch.float32
     model, family = build_peft_model(model_dir, peft_cfg, dtype, device)
     tok = load_tokenizer(model_dir)
-    kwargs = trainer_kwargs(training)
-    for key in MANAGED_KEYS & set(kwargs):
-        log.warning("training.%s is managed by snaketune; ignoring the configured value", key)
-        kwargs.pop(key)
+    kwargs = trainer_kwargs(training)  # keys snaketune sets itself are refused at load (checks.py)
     kwargs.setdefault("bf16", use_bf16 and not store_bf16)
     if kwargs["bf16"] and not use_bf16:
         log.warning("training.bf16 requested but this hardware has no fast bf16; using fp32")

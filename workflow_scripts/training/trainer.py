@@ -52,7 +52,7 @@ def labels_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torc
 class SnaketuneTrainer(SFTTrainer):
     """SFTTrainer whose loss computes logits only at labelled positions (switchable)."""
 
-    def __init__(self, *args, labels_only_logits: bool = True, **kwargs):
+    def __init__(self, *args, labels_only_logits: bool, **kwargs):  # training.fast_path's, no default here
         super().__init__(*args, **kwargs)
         self.labels_only_logits = labels_only_logits
         self.eval_seconds = 0.0  # excluded from training tokens/s

@@ -1,0 +1,236 @@
+"""Load-time checks of inputs the schema cannot judge: each class of bad input is refused as a class.
+
+- numbers: every number in the config is finite (`.nan` passes `minimum` checks, `.inf` passes
+  `exclusiveMinimum`);
+- names: a name used as a folder fits a path component with room to spare, and never takes a
+  folder the workflow itself uses under results/;
+- keys the training stage sets itself are refused, not dropped at train time;
+- every file the config names exists when the workflow loads (model.id as a local path,
+  evaluation.bertscore_model, training.accelerate_config);
+- no split is left empty by the carving ratios (with the rows of local files where they are
+  cheap to count);
+- generation fits the model's context window where the window is known at load (a local model).
+
+Each check raises ConfigError with one line naming the key, file or value at fault, before any
+job runs. `config.check_semantics` calls them (also for every sweep point).
+"""
+
+import json
+import math
+from pathlib import Path
+
+from workflow_scripts.config import ConfigError, _walk
+
+# A path component holds 255 bytes on common filesystems (ext4, xfs, btrfs, APFS, NTFS). A name
+# the user gives becomes part of longer components (`{model}-{experiment}-q8_0.gguf`, hidden
+# `.{name}.tmp-xxxxxxxx` siblings), so each is kept well below: two names plus suffixes still fit.
+NAME_MAX_CHARS = 100
+# The longest folder name the layout may build (derived names, sweep points): the rest of 255
+# bytes is for the hidden temporary siblings of atomic writes.
+COMPONENT_MAX_CHARS = 200
+# Folders of results/ the workflow itself writes: an experiment of that name would mix its
+# artifacts into them (`sweeps` next to a sweep named like a stage folder would nest one in the other).
+RESERVED_EXPERIMENT_NAMES = ("shared", "sweeps")
+
+# TRL / Trainer fields snaketune sets itself, or whose work it does itself -> what to use instead.
+# They are refused at load: passing them would be ignored (or clash with what the stage sets).
+MANAGED_TRAINING_KEYS = {
+    "output_dir": "checkpoints go to results/{experiment}/checkpoints",
+    "resume_from_checkpoint": "a re-run resumes from the newest complete checkpoint by itself",
+    "remove_unused_columns": "snaketune's collator needs its columns",
+    "dataset_kwargs": "format_dataset prepares the data; the trainer does not",
+    "dataset_text_field": "format_dataset prepares the data; the trainer does not",
+    "dataset_num_proc": "format_dataset prepares the data; the trainer does not",
+    "use_cpu": "the device follows resources.gpu",
+    "disable_tqdm": "the rule's log always shows a progress bar",
+    "packing": "use training.fast_path.packing",
+    "padding_free": "batches are length-grouped (training.fast_path.group_by_length)",
+    "completion_only_loss": "the loss is always on assistant tokens only",
+    "assistant_only_loss": "the loss is always on assistant tokens only",
+    "chat_template_path": "the chat template is the base model's (model.fallback_chat_template when it has none)",
+    "eos_token": "the base model's tokenizer defines it",
+    "pad_token": "the base model's tokenizer defines it",
+}
+
+
+def check_finite(config: dict) -> None:
+    """Every number in the config is finite (also inside TRL/PEFT fields and sweep values)."""
+    for path, value in _walk(config, ""):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{path}: {value} is not a finite number (.nan and .inf are refused)")
+
+
+def check_name_length(name: str, key: str, limit: int = NAME_MAX_CHARS) -> str:
+    if len(name.encode()) > limit:
+        raise ConfigError(
+            f"{key}: {name[:40]!r}... is {len(name.encode())} characters; at most {limit} "
+            "(a folder name must fit a path component with the file names built from it)"
+        )
+    return name
+
+
+def check_names(config: dict) -> None:
+    """Lengths of the names the user gives, and names reserved for the workflow's own folders."""
+    experiment = config["experiment"]
+    check_name_length(experiment, "experiment")
+    if experiment.lower() in RESERVED_EXPERIMENT_NAMES:
+        raise ConfigError(
+            f"experiment: {experiment!r} is a folder the workflow uses (results/{experiment.lower()}/); "
+            f"choose another name (reserved: {', '.join(RESERVED_EXPERIMENT_NAMES)})"
+        )
+    for section, key in (("model", "name"), ("export", "name")):
+        value = (config.get(section) or {}).get(key)
+        if isinstance(value, str):
+            check_name_length(value, f"{section}.{key}")
+    sweep = config.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("name"), str):
+        check_name_length(sweep["name"], "sweep.name")
+
+
+def check_folder_lengths(paths: dict[str, str], where: str) -> None:
+    """Every folder name of an experiment's layout fits (derived and sweep point names included)."""
+    for what, path in paths.items():
+        for part in Path(path).parts:
+            if len(part.encode()) > COMPONENT_MAX_CHARS:
+                raise ConfigError(
+                    f"{where}: the {what} folder name {part[:40]!r}... is {len(part.encode())} characters; "
+                    f"at most {COMPONENT_MAX_CHARS} fit a path component"
+                )
+
+
+def check_training_keys(training: dict) -> None:
+    for key in training:
+        if key in MANAGED_TRAINING_KEYS:
+            raise ConfigError(
+                f"training.{key}: set by snaketune itself ({MANAGED_TRAINING_KEYS[key]}); remove it"
+            )
+
+
+# ---------------------------------------------------------------- files the config names
+
+
+def looks_like_path(value: str) -> bool:
+    """A model reference that can only be a local path: a Hub id is `name` or `org/name`."""
+    return (
+        value.startswith(("/", "./", "../", "~"))
+        or value.endswith(".gguf")
+        or value.count("/") > 1
+        or "\\" in value
+        or Path(value).expanduser().exists()
+    )
+
+
+def check_hub_id(value: str, key: str) -> None:
+    """A Hub id the Hub would accept (huggingface_hub's own rule), before any job asks for it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise ConfigError(f"{key}: {value!r} is neither a local path nor a Hub id ({exc})") from None
+
+
+def check_model_reference(value: str, key: str) -> None:
+    """A local model (folder or .gguf file) exists and is one; a Hub id is well-formed."""
+    if value.startswith("embedded:"):
+        return
+    if not looks_like_path(value):
+        check_hub_id(value, key)
+        return
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"{key}: local path {value} does not exist (a Hub id is `name` or `org/name`, an embedded "
+            "model `embedded:<name>`)"
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise ConfigError(
+            f"{key}: {path} is a file but not a .gguf file; give a model folder or a .gguf file"
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: folder {path} has no config.json (not a Hugging Face model folder)")
+
+
+def check_named_files(config: dict) -> None:
+    check_model_reference(config["model"]["id"], "model.id")
+    check_model_reference(config["evaluation"]["bertscore_model"], "evaluation.bertscore_model")
+    accelerate = config["training"].get("accelerate_config")
+    if accelerate:  # read by `accelerate launch` in the job's working directory
+        path = Path(accelerate).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"training.accelerate_config: file {path.absolute()} does not exist")
+
+
+# ---------------------------------------------------------------- splits
+
+
+def check_split_sizes(dataset: dict, found: dict[str, list[str]] | None) -> None:
+    """No split is carved empty. ``found``: a local dataset's files per split (None for the Hub)."""
+    from workflow_scripts.data.sources import SPLITS, carve_counts, count_rows
+
+    ratios = dataset["split"]
+    if found is None:  # a Hub dataset: its splits are known only once downloaded, unless named
+        names = dataset.get("split_names")
+        if not names:
+            return
+        present = {s for s in SPLITS if names.get(s)}
+    else:
+        present = set(found)
+    missing = [s for s in ("validation", "test") if s not in present]
+    if not missing:
+        return
+    for s in ["train", *missing]:
+        if ratios[s] <= 0:
+            raise ConfigError(
+                f"dataset.split.{s}: {ratios[s]} leaves the {s} split empty (it is carved out of train "
+                f"with the ratios; splits that come from files: {', '.join(sorted(present))})"
+            )
+    if found is None:
+        return
+    rows = count_rows(found["train"])
+    if rows is None:  # not cheap to count (csv, json arrays, large files): download_dataset checks
+        return
+    counts = carve_counts(rows, ratios, missing)
+    for s, n in counts.items():
+        if n == 0:
+            raise ConfigError(
+                f"dataset.split.{s}: {ratios[s]} of the {rows} train rows leaves the {s} split empty "
+                f"(rows per split would be {json.dumps(counts)})"
+            )
+
+
+# ---------------------------------------------------------------- generation
+
+
+def local_context_window(model_id: str) -> int | None:
+    """The context window of a local Hugging Face model folder (its config.json), else None."""
+    path = Path(model_id).expanduser()
+    if model_id.startswith("embedded:") or not (path / "config.json").is_file():
+        return None
+    cfg = json.loads((path / "config.json").read_text())
+    cfg = cfg.get("text_config") or cfg
+    window = cfg.get("max_position_embeddings")
+    return window if isinstance(window, int) and window > 0 else None
+
+
+def check_generation_length(config: dict) -> None:
+    """max_new_tokens (plus at least one prompt token) fits the model's context window, where it is
+    known at load; the generator checks each prompt against it again (evaluation/generate.py)."""
+    window = local_context_window(config["model"]["id"])
+    new = config["evaluation"]["max_new_tokens"]
+    if window is not None and new >= window:
+        raise ConfigError(
+            f"evaluation.max_new_tokens: {new} does not fit the context window of model.id "
+            f"({window} tokens, prompt included)"
+        )
+
+
+def check_all(config: dict, local_files: dict[str, list[str]] | None) -> None:
+    """The checks after the schema's (check_finite runs first, before any arithmetic on values)."""
+    check_names(config)
+    check_training_keys(config["training"])
+    check_named_files(config)
+    if local_files is None:
+        check_hub_id(config["dataset"]["id"], "dataset.id")
+    check_split_sizes(config["dataset"], local_files)
+    check_generation_length(config)
