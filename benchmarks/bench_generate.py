@@ -34,7 +34,6 @@ initialised model of that real shape (benchmarks/synthetic.py), so no embedded m
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from long_prompts import long_prompts  # noqa: E402
+from machine import cpu_model  # noqa: E402
 
 from workflow_scripts.config import load_and_resolve  # noqa: E402
 from workflow_scripts.evaluation.generate import GenerationSettings, eos_ids, generate  # noqa: E402
@@ -71,16 +71,6 @@ SIDES = {
     "d": "HF continuous batching (generate_batch)",
     "e": "snaketune",
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def until_stop(row: list[int], stop: set[int]) -> list[int]:

@@ -25,18 +25,9 @@ import time
 from pathlib import Path
 
 import yaml
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def workflow_copy(dest: Path) -> Path:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from machine import cpu_model  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 
 def matmul_peak(dtype_name: str, threads: int, device: str = "cpu") -> float:
@@ -309,7 +310,7 @@ def main() -> None:
             f"model: {json.loads((base / 'manifest.json').read_text())['model_id']} (random weights), {base}"
         )
     peaks = {d: matmul_peak(d, args.threads, args.device) for d in ("float32", "bfloat16")}
-    where = f" ({torch.cuda.get_device_name()})" if cuda else ""
+    where = f" ({torch.cuda.get_device_name()})" if cuda else f" ({cpu_model()})"
     print(
         f"matmul peak here{where}: fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s"
     )
