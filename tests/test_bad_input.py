@@ -401,10 +401,7 @@ def test_the_generator_refuses_prompt_plus_new_tokens_beyond_the_window(tiny_mod
     "value", ["./missing", "/no/such/model", "~/no-such-model-dir", "a/b/c", "missing.gguf"]
 )
 def test_a_model_path_that_does_not_exist_fails_at_load(resolved_config, key, value):
-    # (config.check_model_id words a model.id that is neither a Hub id nor a path its own way)
-    with pytest.raises(
-        ConfigError, match=f"{key}: (local path {value} does not exist|'{value}' is not a Hub)"
-    ):
+    with pytest.raises(ConfigError, match=f"{key}: local path {value} does not exist"):
         resolved_config(nested(key, value))
 
 
@@ -415,9 +412,7 @@ def test_a_hub_id_is_not_taken_for_a_missing_path(resolved_config):
 @pytest.mark.parametrize("key", ["model.id", "dataset.id", "evaluation.bertscore_model"])
 @pytest.mark.parametrize("value", ["someone/..", "bad name/model", "-lead/x", "a" * 97])
 def test_a_malformed_hub_id_fails_at_load(resolved_config, key, value):
-    with pytest.raises(
-        ConfigError, match=f"{key}: .* (is neither a local path nor a Hub id|is not a Hub model id)"
-    ):
+    with pytest.raises(ConfigError, match=f"{key}: .* is neither a local path nor a Hub id"):
         resolved_config(nested(key, value))
 
 

@@ -32,15 +32,23 @@ TINY_RUN = {
         "metrics": ["answer_accuracy", "rouge"],
     },
     "resources": {"threads": 1},
+    "general_ability": {"exclude_from_winning": True},  # a point flagged for lost general ability cannot win
 }
 
 
+HARMFUL_LR = 0.5  # two Adam steps at this rate wreck the tiny model's general text loss
+
+
 def grid_sweep(wf):
+    """2x2: a sane learning rate and a deliberately harmful one (its points must be flagged)."""
     return write_config(
         wf / "sweep.yaml",
         {
             **TINY_RUN,
-            "sweep": {"name": "grid", "grid": {"training.learning_rate": [0.001, 0.01], "peft.r": [2, 4]}},
+            "sweep": {
+                "name": "grid",
+                "grid": {"training.learning_rate": [0.001, HARMFUL_LR], "peft.r": [2, 4]},
+            },
         },
     )
 
@@ -137,6 +145,19 @@ def test_sweep_runs_and_grows_incrementally(tiny_formatted):
     best = json.loads((wf / "results" / "sweeps" / "grid" / "best.json").read_text())
     assert best["experiment"] == board["selected"] and (wf / best["deployment_model"]).is_dir()
     assert (wf / "results" / "sweeps" / "grid" / "leaderboard.md").read_text().count("**selected**") == 1
+
+    # the harmful learning rate costs general ability: both its points are flagged, neither wins
+    def lr(point):
+        index = json.loads((wf / "results" / point["experiment"] / "experiment.json").read_text())
+        return index["config"]["training"]["learning_rate"]
+
+    harmful = {p["experiment"] for p in board["points"] if lr(p) == HARMFUL_LR}
+    flagged = board["general_ability"]["flagged"]
+    assert len(harmful) == 2 and set(flagged) == harmful, flagged
+    assert board["selected"] not in harmful
+    for p in board["points"]:
+        (m,) = p["general_ability"]["measures"].values()
+        assert (m["ci95"][0] > 0.1) == (p["experiment"] in harmful)  # text loss rose beyond tolerance
     index = json.loads((wf / "results" / best["experiment"] / "experiment.json").read_text())
     assert (wf / index["shared"]["formatted"] / "test.parquet").is_file()
     assert plan(wf, cfg, sweep) == {}, "a second run must be a no-op"
@@ -147,7 +168,7 @@ def test_sweep_runs_and_grows_incrementally(tiny_formatted):
             **TINY_RUN,
             "sweep": {
                 "name": "grid",
-                "grid": {"training.learning_rate": [0.001, 0.01, 0.1], "peft.r": [2, 4]},
+                "grid": {"training.learning_rate": [0.001, HARMFUL_LR, 0.1], "peft.r": [2, 4]},
             },
         },
     )

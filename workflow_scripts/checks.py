@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from workflow_scripts.config import ConfigError, _walk
+from workflow_scripts.config import ConfigError, _walk, check_safe_name
 
 # A path component holds 255 bytes on common filesystems (ext4, xfs, btrfs, APFS, NTFS). A name
 # the user gives becomes part of longer components (`{model}-{experiment}-q8_0.gguf`, hidden
@@ -70,8 +70,11 @@ def check_name_length(name: str, key: str, limit: int = NAME_MAX_CHARS) -> str:
 
 
 def check_names(config: dict) -> None:
-    """Lengths of the names the user gives, and names reserved for the workflow's own folders."""
-    experiment = config["experiment"]
+    """Names the user gives: safe as a folder name, not too long, not reserved for the workflow's
+    own folders. (model.id is checked as a file or Hub id by check_named_files.)"""
+    experiment = check_safe_name(config["experiment"], "experiment")
+    if config["model"].get("name") is not None:
+        check_safe_name(config["model"]["name"], "model.name")
     check_name_length(experiment, "experiment")
     if experiment.lower() in RESERVED_EXPERIMENT_NAMES:
         raise ConfigError(

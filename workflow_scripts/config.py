@@ -157,7 +157,6 @@ def check_semantics(config: dict) -> None:
 
     check_messages_format(config["messages_format"], config["filters"])
     check_answer_regex(config["filters"])
-    check_names(config)
     checks.check_all(config, check_local_dataset(config["dataset"]))
     check_general_ability(config["general_ability"])
 
@@ -170,29 +169,6 @@ def check_answer_regex(filters: dict) -> None:
             raise ConfigError(
                 f"filters.answer_regex: {filters['answer_regex']!r} is not a valid regex ({exc})"
             ) from None
-
-
-def check_names(config: dict) -> None:
-    check_safe_name(config["experiment"], "experiment")
-    if config["model"].get("name") is not None:
-        check_safe_name(config["model"]["name"], "model.name")
-    check_model_id(config["model"]["id"])
-
-
-# A Hub repo id as huggingface_hub's validate_repo_id accepts it (restated: loading stays light).
-HUB_ID_RE = re.compile(r"(\b[\w\-.]+\b/)?\b[\w\-.]{1,96}\b")
-
-
-def check_model_id(mid: str) -> None:
-    """An id that is not embedded, a .gguf file or a local path must be a valid Hub id."""
-    local = mid.startswith((".", "/", "~")) or Path(mid).expanduser().exists()
-    if mid.startswith("embedded:") or mid.endswith(".gguf") or local:
-        return
-    if not HUB_ID_RE.fullmatch(mid) or ".." in mid or "--" in mid:
-        raise ConfigError(
-            f"model.id: {mid!r} is not a Hub model id (owner/name of letters, digits, `-`, `_`, `.`; "
-            "no `..` or `--`) nor an existing local path (write a local one starting with ./ or /)"
-        )
 
 
 def _walk(value, path: str):

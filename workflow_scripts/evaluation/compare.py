@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from workflow_scripts.evaluation import general_compare
+from workflow_scripts.evaluation import general_compare, markdown
 from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
 from workflow_scripts.evaluation.metrics import PAIRED, UNPAIRED
 from workflow_scripts.files import atomic_path, read_jsonl, write_json
@@ -85,15 +85,21 @@ def to_markdown(report: dict, base_eval: dict, tuned_eval: dict) -> str:
         "",
         f"{report['n_examples']} test examples; deltas with paired bootstrap 95% confidence intervals.",
         "",
-        "| metric | base | fine-tuned | delta | 95% CI |",
-        "|---|---:|---:|---:|---|",
     ]
-    for name, m in report["metrics"].items():
-        mark = " *" if m["significant"] else ""
-        lines.append(
-            f"| {name} | {m['base']:.3f} | {m['finetuned']:.3f} | {m['delta']:+.3f}{mark} "
-            f"| [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] |"
-        )
+    lines += markdown.table(
+        ["metric", "base", "fine-tuned", "delta", "95% CI"],
+        "lrrrl",
+        [
+            [
+                name,
+                f"{m['base']:.3f}",
+                f"{m['finetuned']:.3f}",
+                f"{m['delta']:+.3f}" + (" *" if m["significant"] else ""),
+                markdown.ci_text(m["ci95"]),
+            ]
+            for name, m in report["metrics"].items()
+        ],
+    )
     lines += ["", "`*`: the interval excludes zero.", ""]
     matching = report.get("answer_matching")
     if matching:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workflow_scripts.evaluation import markdown
 from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
 from workflow_scripts.files import read_jsonl
 from workflow_scripts.stage import StageError
@@ -120,16 +121,24 @@ def to_markdown(general: dict) -> list[str]:
         "",
         "Both models on the same items; delta = fine-tuned - base, paired bootstrap 95% CI over the items.",
         "",
-        "| measure | better | n | base | fine-tuned | delta | 95% CI | verdict |",
-        "|---|---|---:|---:|---:|---:|---|---|",
     ]
-    for name, m in general["measures"].items():
-        mark = " **flagged**" if m["flagged"] else ""
-        lines.append(
-            f"| {name} ({m['unit']}) | {'higher' if m['higher_is_better'] else 'lower'} | {m['n']} | {m['base']:.3f} "
-            f"| {m['finetuned']:.3f} | {m['delta']:+.3f} | [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] "
-            f"| {m['verdict']}{mark} |"
-        )
+    lines += markdown.table(
+        ["measure", "better", "n", "base", "fine-tuned", "delta", "95% CI", "verdict"],
+        "llrrrrll",
+        [
+            [
+                f"{name} ({m['unit']})",
+                "higher" if m["higher_is_better"] else "lower",
+                str(m["n"]),
+                f"{m['base']:.3f}",
+                f"{m['finetuned']:.3f}",
+                f"{m['delta']:+.3f}",
+                markdown.ci_text(m["ci95"]),
+                m["verdict"] + (" **flagged**" if m["flagged"] else ""),
+            ]
+            for name, m in general["measures"].items()
+        ],
+    )
     lines += [""]
     for name, m in general["measures"].items():
         lines.append(f"- `{name}`: {m['source']}")
