@@ -110,6 +110,21 @@ def test_text_that_only_resembles_a_credential_passes(resolved_config, monkeypat
     assert config["model"]["revision"] == sha
 
 
+def test_a_short_placeholder_secret_does_not_refuse_ordinary_config(resolved_config, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "test")  # a CI placeholder: the split named `test` is not a secret
+    assert resolved_config({"dataset": {"split": {"test": 0.05}}})["dataset"]["split"]["test"] == 0.05
+
+
+def test_sweep_lists_are_judged_by_the_key_they_belong_to(resolved_config):
+    sha = "0123456789abcdef" * 2 + "01234567"  # a commit hash is a revision, also as a sweep value
+    resolved_config({"sweep": {"name": "s", "grid": {"model.revision": [sha, None]}}})
+    resolved_config(
+        {"sweep": {"name": "s", "samples": {"n": 1, "space": {"model.revision": {"choice": [sha]}}}}}
+    )
+    with pytest.raises(ConfigError, match=r"wandb\.api_key\[0\]: looks like a secret"):
+        resolved_config({"wandb": {"api_key": ["not-shaped-like-a-token"]}})
+
+
 # ---------------------------------------------------------------- 2. non-finite numbers
 
 
@@ -276,6 +291,26 @@ def test_a_broken_link_is_an_error_never_skipped(tmp_path):
     (ds / "test.jsonl").symlink_to(tmp_path / "gone.jsonl")
     with pytest.raises(sources.SourceError, match="test.jsonl is a broken link"):
         sources.local_split_files({"id": str(ds), "data_files": None})
+    (ds / "test.jsonl").unlink()
+    (ds / "holdout").symlink_to(tmp_path / "unmounted")  # no split name, no data suffix: still an error
+    with pytest.raises(sources.SourceError, match="holdout is a broken link"):
+        sources.local_split_files({"id": str(ds), "data_files": None})
+
+
+def test_a_folder_cannot_feed_one_file_to_two_splits_through_links(tmp_path):
+    ds = tmp_path / "ds"
+    write_jsonl(ds / "train.jsonl", 30)
+    (ds / "test.jsonl").symlink_to(ds / "train.jsonl")  # the test split would be the training data
+    with pytest.raises(
+        sources.SourceError, match="dataset.id: .*train.jsonl .*test.jsonl.* read for both test and train"
+    ):
+        sources.local_split_files({"id": str(ds), "data_files": None})
+    (ds / "test.jsonl").unlink()
+    write_jsonl(tmp_path / "shared" / "part.jsonl", 5)
+    (ds / "validation").symlink_to(tmp_path / "shared", target_is_directory=True)
+    (ds / "test").symlink_to(tmp_path / "shared", target_is_directory=True)  # a second link: not skipped
+    with pytest.raises(sources.SourceError, match="read for both"):
+        sources.local_split_files({"id": str(ds), "data_files": None})
 
 
 @pytest.mark.parametrize("name", ["test.tsv", "validation.jsonl.gz", "holdout/test.txt"])
@@ -335,7 +370,7 @@ def test_paths_are_normalised_and_a_file_feeds_one_split_however_spelled(tmp_pat
     assert found == {"train": [str(ds / "a.jsonl")], "test": [str(tmp_path / "outside" / "held.jsonl")]}
     (ds / "alias.jsonl").symlink_to(ds / "a.jsonl")
     for test in ("x/../a.jsonl", "alias.jsonl"):
-        with pytest.raises(sources.SourceError, match="listed for both train and test"):
+        with pytest.raises(sources.SourceError, match="read for both train and test"):
             sources.local_split_files({"id": str(ds), "data_files": {"train": "a.jsonl", "test": test}})
 
 
@@ -478,3 +513,8 @@ def test_load_time_carving_predicts_download_dataset(tmp_path):
             continue
         splits, _ = make_splits(frames, {"split": ratios, "max_rows": None})
         assert {s: len(f) for s, f in splits.items()} == predicted
+
+
+def test_a_split_given_no_files_is_refused_at_load(resolved_config):
+    with pytest.raises(ConfigError, match=r"dataset\.data_files\.validation: \[\] should be non-empty"):
+        resolved_config({"dataset": {"data_files": {"train": "*.jsonl", "validation": []}}})

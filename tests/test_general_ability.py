@@ -9,7 +9,7 @@ import pytest
 from workflow_scripts.config import ConfigError
 from workflow_scripts.evaluation import general_ability, general_compare, general_items
 from workflow_scripts.evaluation.leaderboard import build, to_markdown, write_csv
-from workflow_scripts.stage import Job
+from workflow_scripts.stage import Job, StageError
 
 QUESTIONS = [
     ("Which animal barks?", ["dog", "cat", "fish"], 0),
@@ -169,6 +169,40 @@ def test_same_model_shows_no_change(tiny_model_dir, tmp_path):
             500,
             0,
         )
+
+    # measured unlike each other: a delta would measure the setting, not the model
+    a_json, b_json = json.loads(open(a.output.result).read()), json.loads(open(b.output.result).read())
+    tuned_rows = [json.loads(line) for line in open(b.output.item_results)]
+    for field, value in (("dtype", "bfloat16"), ("lm_eval", {"version": "0.0.1", "tasks": {}})):
+        with pytest.raises(StageError, match="was measured with"):
+            general_compare.compare_general(a_json, {**b_json, field: value}, rows, tuned_rows, cfg, 500, 0)
+    with pytest.raises(StageError, match="measure different things"):
+        other = {**b_json, "measures": {**b_json["measures"], "extra/acc": b_json["measures"]["text_loss"]}}
+        general_compare.compare_general(a_json, other, rows, tuned_rows, cfg, 500, 0)
+    with pytest.raises(StageError, match="twice"):
+        general_compare.compare_general(a_json, b_json, rows, tuned_rows + tuned_rows[:1], cfg, 500, 0)
+
+
+def test_lm_eval_samples_become_one_measure_per_metric_and_filter():
+    results = {
+        "higher_is_better": {"t": {"exact_match": True}},
+        "samples": {
+            "t": [
+                {"doc_id": i, "doc_hash": "h", "filter": f, "metrics": ["exact_match"], "exact_match": v}
+                for i, v in enumerate((1.0, 0.0))
+                for f in ("strict-match", "flexible-extract")
+            ]
+        },
+    }
+    rows, info = general_ability.task_items(results, {"t": "spec"})
+    assert sorted({r["measure"] for r in rows}) == [
+        "t/exact_match,flexible-extract",
+        "t/exact_match,strict-match",
+    ]
+    assert info["t"]["source"] == "spec" and all(m["higher_is_better"] for m in info["t"]["metrics"].values())
+    results["higher_is_better"] = {"t": {"exact_match": None}}  # a custom metric without a direction
+    with pytest.raises(StageError, match="does not say whether higher exact_match is better"):
+        general_ability.task_items(results, {"t": "spec"})
 
 
 def test_verdicts():

@@ -137,7 +137,7 @@ def test_data_files_name_the_splits_explicitly(tmp_path):
     with pytest.raises(SourceError, match="dataset.data_files.test: 'nope.jsonl' matches no file"):
         local_split_files(dataset_cfg(folder, data_files={"train": "part_a.jsonl", "test": "nope.jsonl"}))
     both = {"train": "*.jsonl", "test": "holdout.jsonl"}
-    with pytest.raises(SourceError, match="holdout.jsonl is listed for both train and test"):
+    with pytest.raises(SourceError, match="holdout.jsonl is read for both train and test"):
         local_split_files(dataset_cfg(folder, data_files=both))
 
 

@@ -51,6 +51,9 @@ REPLACED_MAPPINGS = (
 SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Trainer keys that would let training talk to the Hub behind the opt-in push_to_hub rule.
 HUB_TRAINING_KEYS = re.compile(r"^(push_to_hub.*|hub_.*)$")
+# Shortest secret value looked for in the config (real HF / W&B tokens are 30+ characters; a short
+# CI placeholder such as HF_TOKEN=test would otherwise match the split named `test`).
+SECRET_MIN_CHARS = 8
 
 
 class ConfigError(ValueError):
@@ -201,18 +204,23 @@ def check_no_secrets(config: dict) -> None:
     a key that names a credential, and a secret's value or a credential's shape anywhere inside a
     key or value is refused. Runs before every other check, so no error message echoes a secret
     (a refused key is named by the mapping that holds it)."""
-    for key in config.get("training") or {}:
+    training = config.get("training")
+    for key in training if isinstance(training, dict) else ():
         if HUB_TRAINING_KEYS.match(key):
             raise ConfigError(
                 f"training.{key}: pushing to the Hub from the trainer is refused; the opt-in "
                 "`push_to_hub` rule (hub.repo_id, private by default) is the one way out, and the "
                 "token comes from HF_TOKEN in the environment or .env"
             )
-    whole, inside = env_secrets(), secret_values()
+    whole = {s for s in env_secrets() if len(s) >= SECRET_MIN_CHARS}
+    inside = [s for s in secret_values() if len(s) >= SECRET_MIN_CHARS]
     for path, text, is_key in _strings(config, ""):
         if not text:
             continue
-        leaf = path.rsplit(".", 1)[-1]
+        # the key a value belongs to: `revision` for a sweep's `model.revision[0]` and for
+        # `sweep.samples.space.model.revision.choice[0]`
+        parts = re.sub(r"\[\d+\]", "", path).split(".")
+        leaf = parts[-2] if len(parts) > 1 and parts[-1] in ("choice", "range", "log_range") else parts[-1]
         found = (
             text in whole
             or any(s in text for s in inside)

@@ -77,13 +77,13 @@ def _scan(top: Path, key: str, what: str) -> list[str]:
     other; a link that loops is followed once). At most MAX_SCAN_ENTRIES entries are visited, so
     no pattern or folder can walk the whole filesystem. Callers refuse broken links they would use.
     """
-    found, visited, seen_dirs = [], 0, set()
+    found, visited = [], 0
     for folder, dirs, files in os.walk(top, followlinks=True, onerror=None):
         real = os.path.realpath(folder)
-        if real in seen_dirs:  # a link back up the tree
+        ancestors = {os.path.realpath(p) for p in Path(folder).parents if top in (p, *p.parents)}
+        if real in ancestors:  # a link back up the tree: followed once
             dirs[:] = []
             continue
-        seen_dirs.add(real)
         visited += len(dirs) + len(files)
         if visited > MAX_SCAN_ENTRIES:
             raise SourceError(
@@ -109,6 +109,8 @@ def _data_files_in(folder: Path) -> list[Path]:
     out = []
     for rel in files:
         suffix = Path(rel).suffix.lower()
+        if os.path.islink(folder / rel):  # a broken link is never skipped, whatever its name
+            _existing(folder / rel, "dataset.id")
         if suffix in FORMATS:
             out.append(_existing(folder / rel, "dataset.id"))
         elif split_of(rel) is not None:  # named like a split but unreadable: never skipped silently
@@ -191,7 +193,7 @@ def local_split_files(cfg: dict) -> tuple[dict[str, list[str]], str]:
             patterns = [spec] if isinstance(spec, str) else list(spec)
             files = [f for p in patterns for f in _expand(p, base, f"dataset.data_files.{split}")]
             out[split] = [str(f) for f in dict.fromkeys(files)]
-        _check_disjoint(out)
+        _check_disjoint(out, "dataset.data_files")
         how = "data_files"
     elif root.is_file():
         if root.suffix.lower() not in FORMATS:
@@ -216,6 +218,7 @@ def local_split_files(cfg: dict) -> tuple[dict[str, list[str]], str]:
                 f"validation/valid/val/dev, test/testing/eval/evaluation): {', '.join(unmatched)}; "
                 + DATA_FILES_HINT
             )
+        _check_disjoint(out, "dataset.id")
         how = "folder"
     else:
         raise SourceError(f"dataset.id: local path {root} does not exist")
@@ -230,8 +233,9 @@ def local_split_files(cfg: dict) -> tuple[dict[str, list[str]], str]:
     return out, how
 
 
-def _check_disjoint(by_split: dict[str, list[str]]) -> None:
-    """No file feeds two splits, however it is reached (another spelling, a link to it)."""
+def _check_disjoint(by_split: dict[str, list[str]], key: str) -> None:
+    """No file feeds two splits, or one split twice, however it is reached (another spelling, a
+    link to it)."""
     seen: dict[str, tuple[str, str]] = {}
     for split, files in by_split.items():
         for f in files:
@@ -239,9 +243,8 @@ def _check_disjoint(by_split: dict[str, list[str]]) -> None:
             if real in seen:
                 other, first = seen[real]
                 same = f if first == f else f"{f} (the same file as {first})"
-                raise SourceError(
-                    f"dataset.data_files: {same} is listed for both {other} and {split}; a file feeds one split"
-                )
+                where = f"both {other} and {split}" if other != split else f"{split} twice"
+                raise SourceError(f"{key}: {same} is read for {where}; a file feeds one split, once")
             seen[real] = (split, f)
 
 

@@ -60,10 +60,11 @@ def text_losses(
     ]
 
 
-def load_tasks(specs: list[str]) -> tuple[dict, object]:
-    """(task name -> lm-eval Task, a TaskManager) of ``general_ability.tasks``. A local task is
-    built inside its folder, so its relative data_files are read from there."""
-    tasks, manager = {}, None
+def load_tasks(specs: list[str]) -> tuple[dict, dict[str, str]]:
+    """(task name -> lm-eval Task, task name -> the spec it came from) of ``general_ability.tasks``.
+    A local task is built inside its folder, so its relative data_files are read from there; a spec
+    that yields no task is an error, never an empty measure."""
+    tasks, sources = {}, {}
     for spec in specs:
         try:
             if general_items.looks_local(spec):
@@ -88,8 +89,14 @@ def load_tasks(specs: list[str]) -> tuple[dict, object]:
             raise StageError(
                 f"general_ability.tasks: {spec}: lm-eval cannot load it ({type(exc).__name__}: {first})"
             ) from None
+        if not built:
+            raise StageError(
+                f"general_ability.tasks: {spec}: lm-eval built no task from it (a group whose members "
+                "are defined inline, or a YAML holding only a group?); name the tasks themselves"
+            )
         tasks.update(built)
-    return tasks, manager
+        sources.update((name, spec) for name in built)
+    return tasks, sources
 
 
 def task_items(results: dict, sources: dict[str, str]) -> tuple[list[dict], dict]:
@@ -99,24 +106,33 @@ def task_items(results: dict, sources: dict[str, str]) -> tuple[list[dict], dict
         better = results.get("higher_is_better", {}).get(task, {})
         measured = []
         for sample in samples:
+            # lm-eval logs one sample per (item, filter); a filter other than "none" is its own measure,
+            # named as lm-eval names it (`exact_match,strict-match`)
+            filt = sample["filter"]  # lm-eval 0.4 logs it on every sample; "none" when unfiltered
             for metric in sample.get("metrics", []):
                 value = sample.get(metric)
                 if isinstance(value, bool | int | float) and not (
                     isinstance(value, float) and math.isnan(value)
                 ):
+                    name = metric if filt == "none" else f"{metric},{filt}"
+                    if better.get(metric) is None:
+                        raise StageError(
+                            f"general_ability.tasks: task {task}: lm-eval does not say whether higher "
+                            f"{metric} is better; give it `higher_is_better` in the task's metric_list"
+                        )
                     rows.append(
                         {
-                            "measure": f"{task}/{metric}",
+                            "measure": f"{task}/{name}",
                             "item": str(sample["doc_id"]),
                             "hash": sample.get("doc_hash", "")[:16],
                             "value": float(value),
                         }
                     )
-                    if metric not in measured:
-                        measured.append(metric)
+                    if name not in measured:
+                        measured.append(name)
         info[task] = {
             "source": sources.get(task),
-            "metrics": {m: {"higher_is_better": bool(better.get(m, True))} for m in measured},
+            "metrics": {m: {"higher_is_better": bool(better[m.split(",")[0]])} for m in measured},
             "n_shot": results.get("n-shot", {}).get(task),
             "version": results.get("versions", {}).get(task),
             "items": results.get("n-samples", {}).get(task),
@@ -124,20 +140,15 @@ def task_items(results: dict, sources: dict[str, str]) -> tuple[list[dict], dict
     return rows, info
 
 
-def run_tasks(model, tok, cfg: dict, device: str, tasks: dict, manager) -> tuple[list[dict], dict]:
+def run_tasks(model, tok, cfg: dict, device: str, tasks: dict, sources: dict) -> tuple[list[dict], dict]:
     """lm-eval on the loaded ``tasks`` (load_tasks), every item's result logged."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    sources = {}
-    for spec in cfg["tasks"]:
-        for name in tasks:
-            sources.setdefault(name, spec)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg["batch_size"], device=device)
     results = simple_evaluate(
         model=lm,
-        tasks=list(tasks.values()),
-        task_manager=manager,
+        tasks=list(tasks.values()),  # built Task objects: simple_evaluate needs no task manager
         limit=cfg["limit"],
         num_fewshot=cfg["num_fewshot"],
         log_samples=True,
@@ -193,7 +204,7 @@ def run(job: Job) -> dict:
     t0 = time.perf_counter()
     text = cfg["text_loss"]
     passages = general_items.text_passages(text["passages"]) if text["enabled"] else []
-    tasks, manager = load_tasks(cfg["tasks"]) if cfg["tasks"] else ({}, None)  # before the model: fail first
+    tasks, sources = load_tasks(cfg["tasks"]) if cfg["tasks"] else ({}, {})  # before the model: fail first
     device = torch_device()
     dtype = resolve_dtype(cfg["dtype"])
     model = load_model(model_dir, dtype=dtype, device=device).eval()
@@ -207,7 +218,7 @@ def run(job: Job) -> dict:
         log.info("%s: text loss on %d passages in %.1f s", label, len(passages), timings["text_loss_s"])
     if cfg["tasks"]:
         t = time.perf_counter()
-        task_rows, task_info = run_tasks(model, tok, cfg, device, tasks, manager)
+        task_rows, task_info = run_tasks(model, tok, cfg, device, tasks, sources)
         rows += task_rows
         n_items = len({(r["measure"].rsplit("/", 1)[0], r["item"]) for r in task_rows})
         timings["lm_eval_s"] = round(time.perf_counter() - t, 2)

@@ -22,8 +22,22 @@ from workflow_scripts.stage import StageError
 def _by_measure(rows: list[dict]) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = defaultdict(dict)
     for r in rows:
+        if r["item"] in out[r["measure"]]:
+            raise StageError(f"compare: general-ability measure {r['measure']} has item {r['item']} twice")
         out[r["measure"]][r["item"]] = r
     return out
+
+
+def _same_setting(base: dict, tuned: dict, what: str, value) -> None:
+    """Both models measured alike: a difference (the base result is shared and kept) would be
+    measured as a change of the model."""
+    b, t = value(base), value(tuned)
+    if b != t:
+        raise StageError(
+            f"compare: the base model's general ability was measured with {what} {b}, the fine-tuned "
+            f"model's with {t}, so the delta would measure that too; re-run it (snakemake --forcerun "
+            "general_base), and pin general_ability.dtype where machines differ"
+        )
 
 
 def verdict(entry: dict, tolerance: float) -> tuple[str, bool]:
@@ -61,13 +75,16 @@ def compare_general(
             f"compare: the general text passages of the base model come from Python {base['text_loss']['python']}, "
             f"the fine-tuned model's from Python {tuned['text_loss']['python']}: re-run general_base"
         )
+    _same_setting(base, tuned, "dtype", lambda r: r.get("dtype"))
+    _same_setting(base, tuned, "lm-eval", lambda r: (r.get("lm_eval") or {}).get("version"))
     b_items, t_items = _by_measure(base_rows), _by_measure(tuned_rows)
+    if set(base["measures"]) != set(tuned["measures"]):
+        raise StageError(
+            "compare: base and fine-tuned general-ability results measure different things "
+            f"({sorted(base['measures'])} vs {sorted(tuned['measures'])}): re-run general_finetuned"
+        )
     measures = {}
     for name, meta in base["measures"].items():
-        if name not in tuned["measures"]:
-            raise StageError(
-                f"compare: general-ability measure {name} is in the base results only: re-run general_finetuned"
-            )
         b, t = b_items[name], t_items[name]
         if set(b) != set(t) or any(b[i]["hash"] != t[i]["hash"] for i in b):
             raise StageError(
