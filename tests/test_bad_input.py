@@ -518,3 +518,19 @@ def test_load_time_carving_predicts_download_dataset(tmp_path):
 def test_a_split_given_no_files_is_refused_at_load(resolved_config):
     with pytest.raises(ConfigError, match=r"dataset\.data_files\.validation: \[\] should be non-empty"):
         resolved_config({"dataset": {"data_files": {"train": "*.jsonl", "validation": []}}})
+
+
+@pytest.mark.parametrize("key", ["model.id", "dataset.id", "training.accelerate_config"])
+def test_a_home_folder_of_an_unknown_user_is_one_line(resolved_config, key):
+    with pytest.raises(ConfigError, match=f"{key}: '~nosuchuser12/x' starts with ~ but names no home folder"):
+        resolved_config(nested(key, "~nosuchuser12/x"))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_local_model_with_a_broken_config_json_is_one_line(resolved_config, tmp_path, content):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(content)
+    with pytest.raises(
+        ConfigError, match=r"model\.id: .*config\.json (cannot be read as JSON|is not a JSON object)"
+    ):
+        resolved_config({"model": {"id": str(tmp_path / "m")}})

@@ -210,7 +210,12 @@ def local_context_window(model_id: str) -> int | None:
     path = Path(model_id).expanduser()
     if model_id.startswith("embedded:") or not (path / "config.json").is_file():
         return None
-    cfg = json.loads((path / "config.json").read_text())
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.id: {path / 'config.json'} cannot be read as JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"model.id: {path / 'config.json'} is not a JSON object")
     cfg = cfg.get("text_config") or cfg
     window = cfg.get("max_position_embeddings")
     return window if isinstance(window, int) and window > 0 else None
@@ -226,6 +231,18 @@ def check_generation_length(config: dict) -> None:
             f"evaluation.max_new_tokens: {new} does not fit the context window of model.id "
             f"({window} tokens, prompt included)"
         )
+
+
+def check_home_paths(config: dict) -> None:
+    """A `~user/...` path names a user this machine knows (Path.expanduser would raise mid-check)."""
+    for path, value in _walk(config, ""):
+        if isinstance(value, str) and value.startswith("~"):
+            try:
+                Path(value).expanduser()
+            except RuntimeError:
+                raise ConfigError(
+                    f"{path}: {value!r} starts with ~ but names no home folder of this machine"
+                ) from None
 
 
 def check_all(config: dict, local_files: dict[str, list[str]] | None) -> None:

@@ -160,6 +160,7 @@ def check_semantics(config: dict) -> None:
 
     check_messages_format(config["messages_format"], config["filters"])
     check_answer_regex(config["filters"])
+    checks.check_home_paths(config)  # before any check expands a path
     checks.check_all(config, check_local_dataset(config["dataset"]))
     check_general_ability(config["general_ability"])
 

@@ -297,11 +297,14 @@ def _count_file(path: str, size: int, mtime_ns: int) -> int | None:
         except Exception:  # unreadable: download_dataset names the problem
             return None
     if kind in (".jsonl", ".json") and size <= COUNT_MAX_BYTES:
-        with open(path, "rb") as fh:
-            if fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":
-                return None  # a JSON array: counted when read
-            fh.seek(0)
-            return sum(1 for line in fh if line.strip())
+        try:
+            with open(path, "rb") as fh:
+                if fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"[":
+                    return None  # a JSON array: counted when read
+                fh.seek(0)
+                return sum(1 for line in fh if line.strip())
+        except OSError:  # unreadable: download_dataset names the problem
+            return None
     return None
 
 
