@@ -23,7 +23,10 @@ class Registry(dict):
 
 
 def _by_folder(attr, kind):
-    return Registry(kind, {getattr(e, attr).rsplit("/", 1)[1]: e for e in EXPERIMENTS.values()})
+    """Folder name -> one experiment that needs it; experiments without such a folder are left out."""
+    return Registry(
+        kind, {getattr(e, attr).rsplit("/", 1)[1]: e for e in EXPERIMENTS.values() if getattr(e, attr)}
+    )
 
 
 EXPERIMENTS = Registry("experiment", ((e.name, e) for e in EXPERIMENT_LIST))
@@ -33,11 +36,13 @@ PREPROCESSED = _by_folder("preprocessed", "preprocessed folder")
 BASE_MODELS = _by_folder("base_model", "base model folder")
 FORMATTED = _by_folder("formatted", "formatted folder")
 BASE_EVALS = _by_folder("base_eval", "base evaluation folder")
+GENERAL_BASES = _by_folder("general_base", "general-ability base folder")  # none when it is off
 
 # The shape of each kind of name, not the list of names: an alternation of every name is copied
 # into every path pattern, and made a 1,000-point dry run 22 s instead of 14 s
 # (benchmarks/README.md).
-from workflow_scripts.experiments import SHARED_FOLDER_RE as FOLDER_RE, experiment_name_re
+from workflow_scripts.experiments import SHARED_FOLDER_RE as FOLDER_RE, experiment_name_re, general_settings
+from workflow_scripts.evaluation import general_items
 
 
 wildcard_constraints:
@@ -47,6 +52,7 @@ wildcard_constraints:
     model=FOLDER_RE,
     fmt=FOLDER_RE,
     base_eval=FOLDER_RE,
+    general_base=FOLDER_RE,
 
 
 def exp(wildcards):
@@ -163,20 +169,9 @@ ALL_TARGETS = []
 
 
 # General ability (rules/general.smk)
-from workflow_scripts.evaluation.general_items import local_data_files, looks_local
-from workflow_scripts.experiments import general_settings
-
-# folder name -> one experiment that needs it (all that need it agree on its config)
-GENERAL_BASES = Registry(
-    "general-ability base folder",
-    {e.general_base.rsplit("/", 1)[1]: e for e in EXPERIMENTS.values() if e.general_base},
-)
-
-
 def general_task_files(experiment):
     """Every file of the local lm-eval task folders: editing one re-measures both models."""
-    specs = experiment.config["general_ability"]["tasks"]
-    return sorted({f for spec in specs if looks_local(spec) for f in local_data_files(spec)})
+    return general_items.task_input_files(tuple(experiment.config["general_ability"]["tasks"]))
 
 
 def general_inputs(wildcards):

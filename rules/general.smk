@@ -1,9 +1,6 @@
 # General ability: what fine-tuning cost outside its task. The base model is measured once per
 # distinct base model and general_ability settings (shared, like eval_base), each deployment model
 # once per experiment; compare pairs the two item by item (workflow_scripts/evaluation/general_*.py).
-wildcard_constraints:
-    general_base=FOLDER_RE,
-
 
 rule general_base:
     input:

@@ -230,7 +230,7 @@ def test_broken_local_tasks_are_one_line_naming_the_file(local_task):
     (local_task / "items.jsonl").write_text(
         '{"question": "ok", "choices": ["a"], "answer": 0}\n{"question": \n'
     )
-    with pytest.raises(ConfigError, match=r"items\.jsonl:2: not JSON"):
+    with pytest.raises(ConfigError, match=r"items\.jsonl: line 2 is not valid JSON"):
         general_items.check_local_task(str(local_task))
 
     (local_task / "items.jsonl").unlink()

@@ -145,7 +145,6 @@ def check_trainer_section(section: str, values: dict) -> None:
 def check_semantics(config: dict) -> None:
     """Checks JSON schema cannot express; each names the key at fault."""
     from workflow_scripts import checks  # it reads ConfigError from here
-    from workflow_scripts.evaluation.general_items import check_general_ability  # same
 
     for section in ("training", "peft"):
         check_trainer_section(section, config[section])
@@ -162,7 +161,6 @@ def check_semantics(config: dict) -> None:
     check_answer_regex(config["filters"])
     checks.check_home_paths(config)  # before any check expands a path
     checks.check_all(config, check_local_dataset(config["dataset"]))
-    check_general_ability(config["general_ability"])
 
 
 def check_answer_regex(filters: dict) -> None:
@@ -324,6 +322,10 @@ def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None, user
     validate(config, str(SCHEMA_FILE))  # fills the schema's defaults in place
     config.setdefault("sweep", None)
     check_semantics(config)
+    # once per load, not per sweep point: general_ability is not a sweepable section
+    from workflow_scripts.evaluation.general_items import check_general_ability  # it reads ConfigError
+
+    check_general_ability(config["general_ability"])
     sort_keys({k: v for k, v in config.items() if k != "sweep"})  # a sweep's grid keeps its order
     return config
 

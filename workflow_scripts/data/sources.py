@@ -355,7 +355,9 @@ def _decode(path: Path) -> str:
         ) from None
 
 
-def _read_json(path: Path) -> list[dict]:
+def read_json_rows(path: Path) -> list[dict]:
+    """The rows of a JSON-array or JSON-lines file, cells as written; a broken file is one line
+    naming it and the line (also used to check lm-eval task data, general_items.py)."""
     text = _decode(path)
     keep = {"parse_float": _Written, "parse_int": _Written}  # numbers exactly as written
     if not text.strip():
@@ -417,7 +419,7 @@ def _read_parquet(path: Path) -> list[dict]:
     return [{k: _as_text(v) for k, v in row.items()} for row in rows]
 
 
-READERS = {"json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+READERS = {"json": read_json_rows, "csv": _read_csv, "parquet": _read_parquet}
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -131,28 +131,23 @@ def data_files_of(cfg: dict, folder: Path) -> list[Path]:
 
 
 def check_data_file(path: Path, yaml_path: Path) -> None:
-    """A data file exists and, for JSON / JSON lines, parses (the common way a file breaks)."""
+    """A data file exists and, for JSON / JSON lines, parses (the common way a file breaks): a
+    whole JSON document, else rows read as the dataset stage reads them."""
+    from workflow_scripts.data.sources import SourceError, read_json_rows
+
     if not path.is_file():
         raise ConfigError(
             f"general_ability.tasks: {yaml_path} names the data file {path}, which does not exist"
         )
     if path.suffix not in (".json", ".jsonl"):
         return
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"general_ability.tasks: {path}: not UTF-8 (byte {exc.start})") from None
-    with contextlib.suppress(json.JSONDecodeError):
-        json.loads(text)
+    with contextlib.suppress(ValueError):  # not JSON as a whole (or not UTF-8): read it as rows
+        json.loads(path.read_text(encoding="utf-8"))
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"general_ability.tasks: {path}:{number}: not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"general_ability.tasks: {path}:{number}: a row must be a JSON object")
+    try:
+        read_json_rows(path)
+    except SourceError as exc:
+        raise ConfigError(f"general_ability.tasks: {exc}") from None
 
 
 def local_task_configs(spec: str) -> list[tuple[Path, dict]]:
@@ -184,6 +179,13 @@ def local_data_files(spec: str) -> list[str]:
             files.update(data_files_of(cfg, folder))
         return sorted(str(f) for f in files)
     return sorted(str(f) for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+
+
+@functools.cache
+def task_input_files(specs: tuple[str, ...]) -> list[str]:
+    """The files of every local task among ``specs`` (the general-ability jobs' inputs): listed
+    once per planning, not once per job."""
+    return sorted({f for spec in specs if looks_local(spec) for f in local_data_files(spec)})
 
 
 @functools.cache
