@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, sample_rows
 
-from workflow_scripts import checks
+from workflow_scripts import checks, trainer_fields
 from workflow_scripts.config import ConfigError, load_schema
 from workflow_scripts.data import sources
 from workflow_scripts.data.download_dataset import load_local
@@ -245,12 +245,10 @@ def test_derived_names_are_cut(tmp_path, resolved_config, tiny_model_dir):
 
 
 def test_every_managed_key_is_a_trainer_field():
-    from workflow_scripts import trainer_fields
-
-    assert set(checks.MANAGED_TRAINING_KEYS) <= trainer_fields.allowed_keys()["training"]
+    assert set(trainer_fields.MANAGED_TRAINING_KEYS) <= trainer_fields.allowed_keys()["training"]
 
 
-@pytest.mark.parametrize("key", sorted(checks.MANAGED_TRAINING_KEYS))
+@pytest.mark.parametrize("key", sorted(trainer_fields.MANAGED_TRAINING_KEYS))
 def test_managed_keys_are_refused_at_load_and_as_sweep_axes(resolved_config, key):
     from workflow_scripts.trainer_fields import load
 

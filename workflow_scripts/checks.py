@@ -4,7 +4,6 @@
   `exclusiveMinimum`);
 - names: a name used as a folder fits a path component with room to spare, and never takes a
   folder the workflow itself uses under results/;
-- keys the training stage sets itself are refused, not dropped at train time;
 - every file the config names exists when the workflow loads (model.id as a local path,
   evaluation.bertscore_model, training.accelerate_config);
 - no split is left empty by the carving ratios (with the rows of local files where they are
@@ -31,26 +30,6 @@ COMPONENT_MAX_CHARS = 200
 # Folders of results/ the workflow itself writes: an experiment of that name would mix its
 # artifacts into them (`sweeps` next to a sweep named like a stage folder would nest one in the other).
 RESERVED_EXPERIMENT_NAMES = ("shared", "sweeps")
-
-# TRL / Trainer fields snaketune sets itself, or whose work it does itself -> what to use instead.
-# They are refused at load: passing them would be ignored (or clash with what the stage sets).
-MANAGED_TRAINING_KEYS = {
-    "output_dir": "checkpoints go to results/{experiment}/checkpoints",
-    "resume_from_checkpoint": "a re-run resumes from the newest complete checkpoint by itself",
-    "remove_unused_columns": "snaketune's collator needs its columns",
-    "dataset_kwargs": "format_dataset prepares the data; the trainer does not",
-    "dataset_text_field": "format_dataset prepares the data; the trainer does not",
-    "dataset_num_proc": "format_dataset prepares the data; the trainer does not",
-    "use_cpu": "the device follows resources.gpu",
-    "disable_tqdm": "the rule's log always shows a progress bar",
-    "packing": "use training.fast_path.packing",
-    "padding_free": "batches are length-grouped (training.fast_path.group_by_length)",
-    "completion_only_loss": "the loss is always on assistant tokens only",
-    "assistant_only_loss": "the loss is always on assistant tokens only",
-    "chat_template_path": "the chat template is the base model's (model.fallback_chat_template when it has none)",
-    "eos_token": "the base model's tokenizer defines it",
-    "pad_token": "the base model's tokenizer defines it",
-}
 
 
 def check_finite(config: dict) -> None:
@@ -99,14 +78,6 @@ def check_folder_lengths(paths: dict[str, str], where: str) -> None:
                     f"{where}: the {what} folder name {part[:40]!r}... is {len(part.encode())} characters; "
                     f"at most {COMPONENT_MAX_CHARS} fit a path component"
                 )
-
-
-def check_training_keys(training: dict) -> None:
-    for key in training:
-        if key in MANAGED_TRAINING_KEYS:
-            raise ConfigError(
-                f"training.{key}: set by snaketune itself ({MANAGED_TRAINING_KEYS[key]}); remove it"
-            )
 
 
 # ---------------------------------------------------------------- files the config names
@@ -248,7 +219,6 @@ def check_home_paths(config: dict) -> None:
 def check_all(config: dict, local_files: dict[str, list[str]] | None) -> None:
     """The checks after the schema's (check_finite runs first, before any arithmetic on values)."""
     check_names(config)
-    check_training_keys(config["training"])
     check_named_files(config)
     if local_files is None:
         check_hub_id(config["dataset"]["id"], "dataset.id")

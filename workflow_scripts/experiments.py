@@ -25,12 +25,12 @@ import hashlib
 import itertools
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from workflow_scripts.checks import check_folder_lengths
 from workflow_scripts.config import ConfigError, check_safe_name, revalidate
+from workflow_scripts.evaluation.general_items import python_version
 from workflow_scripts.sampling import sample_points
 
 # Sections a sweep may vary (the rest describe where and how jobs run, not the experiment).
@@ -183,7 +183,7 @@ def layout(name: str, config: dict) -> Experiment:
     general_base = None
     if config["general_ability"]["enabled"]:
         # the text passages ship with the interpreter: another Python version, other passages
-        general_key = content_key(base_model, general_settings(config), f"python{sys.version_info[:2]}")
+        general_key = content_key(base_model, general_settings(config), f"python{python_version()}")
         general_base = f"results/shared/general_base/{model}-{general_key}"
     experiment = Experiment(
         name=name,

@@ -36,6 +36,25 @@ OWN_TRAINING_KEYS = {
 }
 OWN_PEFT_KEYS = {"file"}
 OWN_KEYS = {"training": OWN_TRAINING_KEYS, "peft": OWN_PEFT_KEYS}
+# TRL / Trainer fields snaketune sets itself, or whose work it does itself -> what to use instead.
+# They are refused at load: passing them would be ignored (or clash with what the stage sets).
+MANAGED_TRAINING_KEYS = {
+    "output_dir": "checkpoints go to results/{experiment}/checkpoints",
+    "resume_from_checkpoint": "a re-run resumes from the newest complete checkpoint by itself",
+    "remove_unused_columns": "snaketune's collator needs its columns",
+    "dataset_kwargs": "format_dataset prepares the data; the trainer does not",
+    "dataset_text_field": "format_dataset prepares the data; the trainer does not",
+    "dataset_num_proc": "format_dataset prepares the data; the trainer does not",
+    "use_cpu": "the device follows resources.gpu",
+    "disable_tqdm": "the rule's log always shows a progress bar",
+    "packing": "use training.fast_path.packing",
+    "padding_free": "batches are length-grouped (training.fast_path.group_by_length)",
+    "completion_only_loss": "the loss is always on assistant tokens only",
+    "assistant_only_loss": "the loss is always on assistant tokens only",
+    "chat_template_path": "the chat template is the base model's (model.fallback_chat_template when it has none)",
+    "eos_token": "the base model's tokenizer defines it",
+    "pad_token": "the base model's tokenizer defines it",
+}
 LIBRARY_CLASSES = {"training": "TRL SFTConfig", "peft": "PEFT LoraConfig"}
 ANY = "any"
 _SCALARS = {
@@ -215,8 +234,9 @@ def max_steps_problem(training: dict) -> str | None:
 
 def problems(section: str, values: dict) -> list[str]:
     """What is wrong in ``section`` (`training` or `peft`), one line each, naming the key: a key
-    that is neither a field of the library's class nor snaketune's own, then a passed-through
-    value the field does not accept. Empty when all is well (config.py raises on the first)."""
+    that is neither a field of the library's class nor snaketune's own, a field snaketune sets
+    itself (MANAGED_TRAINING_KEYS), then a passed-through value the field does not accept.
+    Empty when all is well (config.py raises on the first)."""
     own, specs = OWN_KEYS[section], load()[section]
     found = []
     for key in values:
@@ -224,6 +244,12 @@ def problems(section: str, values: dict) -> list[str]:
             close = difflib.get_close_matches(key, sorted(own | set(specs)), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             found.append(f"{section}.{key}: not a {LIBRARY_CLASSES[section]} field nor a snaketune key{hint}")
+    if section == "training":  # refused, not dropped at train time
+        found += [
+            f"training.{key}: set by snaketune itself ({MANAGED_TRAINING_KEYS[key]}); remove it"
+            for key in values
+            if key in MANAGED_TRAINING_KEYS
+        ]
     for key, value in values.items():
         if key in specs and key not in own and (problem := _problem(value, specs[key], f"{section}.{key}")):
             found.append(problem)
