@@ -22,6 +22,11 @@ report: "rules/report/workflow.rst"
 try:
     resolve(config, workflow.basedir, validate, user=workflow.config_settings.overwrite_config)
     EXPERIMENT_LIST = experiments.expand(config)  # one, or one per sweep point, each validated
+    # Successive halving: the points train in rungs (rules/halving.smk); the finalists are the
+    # experiments that are merged and evaluated.
+    HALVING = experiments.halving(config, EXPERIMENT_LIST)
+    if HALVING:
+        EXPERIMENT_LIST = list(HALVING.finalists)
 except ConfigError as exc:
     raise WorkflowError(f"Invalid configuration: {exc}") from None
 
@@ -29,6 +34,7 @@ except ConfigError as exc:
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/model.smk"
+include: "rules/halving.smk"
 include: "rules/general.smk"
 include: "rules/evaluate.smk"
 include: "rules/publish.smk"

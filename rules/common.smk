@@ -3,7 +3,8 @@
 # an experiment's own artifacts are one job per experiment ({experiment} wildcard).
 
 SWEEP = config["sweep"]
-# The experiment single-experiment targets (push_to_hub, export_gguf) work on.
+# The first experiment: the opt-in targets (push_to_hub, export_gguf) act on it without a sweep;
+# its `export` section (never swept) is every point's.
 PRIMARY = EXPERIMENT_LIST[0]
 RESULTS = PRIMARY.root
 SHARED = "results/shared"
@@ -69,18 +70,75 @@ def setting(section, registry=None, kind=None):
     return get
 
 
-def res(path):
-    """An artifact of the primary experiment, for the opt-in single-experiment targets
-    (push_to_hub, export_gguf): rule-name targets cannot have wildcards."""
-    return f"{RESULTS}/{path}"
+# The opt-in targets (rules/publish.smk): rule-name targets cannot have wildcards, so their paths
+# are fixed. They act on the experiment, or after a sweep on the point workflow_scripts/winner.py
+# picks at run time (best.json's winner, or `sweep.act_on`), and write beside best.json.
+PUBLISH_DIR = f"results/sweeps/{SWEEP['name']}" if SWEEP else RESULTS
 
 
-def primary_log_of(rule_name):
-    return res(f"logs/{rule_name}.log")
+def pub(path):
+    return f"{PUBLISH_DIR}/{path}"
 
 
-def primary_bench_of(rule_name):
-    return res(f"benchmarks/{rule_name}.tsv")
+def export_name():
+    """The GGUF files' stem: `export.name`, else {model name}-{experiment}, for a sweep
+    {model name}-{sweep name} (the sweep name alone when its points vary the model)."""
+    from pathlib import PurePosixPath
+
+    from workflow_scripts.experiments import model_name
+
+    if PRIMARY.config["export"]["name"]:
+        return PRIMARY.config["export"]["name"]
+    if not SWEEP:
+        return f"{model_name(PRIMARY.config['model'])}-{PurePosixPath(PRIMARY.name).name}"
+    models = {model_name(e.config["model"]) for e in EXPERIMENTS.values()}
+    return f"{models.pop()}-{SWEEP['name']}" if len(models) == 1 else SWEEP["name"]
+
+
+def export_inputs(e):
+    """What export_gguf reads of an experiment."""
+    return {"deployment_dir": f"{e.root}/deployment_model", "test": f"{e.formatted}/test.parquet"}
+
+
+def push_inputs(e):
+    """What push_to_hub reads of an experiment."""
+    return {
+        "deployment_dir": f"{e.root}/deployment_model",
+        "base_model_dir": e.base_model,
+        "base": f"{e.base_eval}/base_model_evaluation.json",
+        "finetuned": f"{e.root}/evaluation/finetuned_model_evaluation.json",
+        "comparison": f"{e.root}/evaluation/comparison.json",
+    }
+
+
+def push_settings(e):
+    return {"dataset": e.config["dataset"]}
+
+
+def publish_input(inputs):
+    """An input function: the experiment's inputs; after a sweep, best.json and every candidate's
+    inputs and run.json (the point it holds), so whichever is chosen is built. (A function: the
+    leaderboard rule is defined after rules/publish.smk.)"""
+
+    def get(wildcards):
+        if not SWEEP:
+            return inputs(PRIMARY)
+        files = (f for e in EXPERIMENTS.values() for f in (*inputs(e).values(), f"{e.root}/training/run.json"))
+        return {"best": rules.leaderboard.output.best, "candidates": list(dict.fromkeys(files))}
+
+    return get
+
+
+def publish_params(inputs, settings=lambda e: {}):
+    """The experiment's own settings; after a sweep, the candidates (the sweep's experiments: grid
+    points or halving finalists, each with the rule's inputs and settings for it) and
+    `sweep.act_on`, which winner.subject resolves at run time."""
+    if not SWEEP:
+        return settings(PRIMARY)
+    candidates = {
+        name: {"root": e.root, "input": inputs(e), "params": settings(e)} for name, e in EXPERIMENTS.items()
+    }
+    return {"candidates": candidates, "act_on": SWEEP["act_on"]}
 
 
 def exp_path(path):
@@ -185,3 +243,31 @@ def general_inputs(wildcards):
         "general_finetuned": f"{e.root}/evaluation/general_ability.json",
         "general_finetuned_items": f"{e.root}/evaluation/general_items.jsonl",
     }
+
+
+# Successive halving (rules/halving.smk)
+def rung_job(rung):
+    """params.halving of a rung job (rung 0, a middle rung, the last): which rung and slot, the
+    steps it trains between. Past rung 0 the promotion names the point, at run time."""
+
+    def get(w):
+        if rung == 0:
+            r, slot, point = 0, None, w.point
+        else:
+            r = HALVING.last if rung == "last" else int(w.rung)
+            slot, point = int((w.experiment if rung == "last" else w.slot).rsplit("-", 1)[-1]), None
+            if not (0 < r <= HALVING.last and slot < HALVING.slots[r]) or (r == HALVING.last) != (rung == "last"):
+                raise WorkflowError(
+                    f"halving: no slot {slot} of rung {r} here: slots per rung {list(HALVING.slots)}; rungs "
+                    f"1..{HALVING.last - 1} are halving/rung-R/slot-K, the last rung's slots are finalist-K"
+                )
+        return {
+            "rung": r,
+            "slot": slot,
+            "point": point,
+            "target_step": HALVING.rungs[r],
+            "rung_start": HALVING.rungs[r - 1] if r else 0,
+            "final": r == HALVING.last,
+        }
+
+    return get

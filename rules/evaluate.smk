@@ -97,6 +97,7 @@ rule compare:
 rule experiment_index:
     input:
         comparison=rules.compare.output.comparison,
+        run_info=exp_path("training/run.json"),  # a halving finalist: the point it holds
     output:
         index=exp_path("experiment.json"),
     params:

@@ -1,33 +1,26 @@
-# Opt-in targets on the primary experiment (`experiment`, or a sweep's first point); never part
-# of `all`:
+# Opt-in targets, never part of `all`: on the experiment, or after a sweep on the winner in its
+# best.json or the point `sweep.act_on` names (workflow_scripts/winner.py picks it at run time;
+# their paths and inputs: rules/common.smk):
 #   snakemake --cores 2 export_gguf                                   (after `make setup-export`)
 #   snakemake --cores 1 push_to_hub --config 'hub={repo_id: me/model}'
-from pathlib import PurePosixPath
-
-from workflow_scripts.experiments import model_name
-
-# The GGUF files' stem: `export.name`, else {model name}-{experiment}.
-EXPORT_NAME = (
-    PRIMARY.config["export"]["name"]
-    or f"{model_name(PRIMARY.config['model'])}-{PurePosixPath(PRIMARY.name).name}"
-)
+EXPORT_NAME = export_name()
 
 
 rule export_gguf:
     input:
-        deployment_dir=res("deployment_model"),
-        test=f"{PRIMARY.formatted}/test.parquet",
+        unpack(publish_input(export_inputs)),
     output:
-        gguf=[res(f"export/{EXPORT_NAME}-{t}.gguf") for t in PRIMARY.config["export"]["outtypes"]],
-        report=res("export/export_report.json"),
-        modelfile=res("export/Modelfile"),
+        gguf=[pub(f"export/{EXPORT_NAME}-{t}.gguf") for t in PRIMARY.config["export"]["outtypes"]],
+        report=pub("export/export_report.json"),
+        modelfile=pub("export/Modelfile"),
     params:
         export=PRIMARY.config["export"],
         name=EXPORT_NAME,
+        **publish_params(export_inputs),
     log:
-        primary_log_of("export_gguf"),
+        pub("logs/export_gguf.log"),
     benchmark:
-        primary_bench_of("export_gguf")
+        pub("benchmarks/export_gguf.tsv")
     threads: config["resources"]["threads"]
     resources:
         **resources_for("model"),
@@ -39,24 +32,20 @@ rule export_gguf:
 
 rule push_to_hub:
     input:
-        deployment_dir=res("deployment_model"),
-        base_model_dir=PRIMARY.base_model,
-        base=f"{PRIMARY.base_eval}/base_model_evaluation.json",
-        finetuned=res("evaluation/finetuned_model_evaluation.json"),
-        comparison=res("evaluation/comparison.json"),
+        unpack(publish_input(push_inputs)),
     output:
-        report=res("hub/push_report.json"),
-        card=res("hub/README.md"),
+        report=pub("hub/push_report.json"),
+        card=pub("hub/README.md"),
     params:
         hub=config["hub"],
-        dataset=PRIMARY.config["dataset"],
         # GGUF files are uploaded when export_gguf has run for this deployment model (checked by
         # the weights' hash in its report); exporting stays opt-in.
-        export_report=res("export/export_report.json"),
+        export_report=rules.export_gguf.output.report,
+        **publish_params(push_inputs, push_settings),
     log:
-        primary_log_of("push_to_hub"),
+        pub("logs/push_to_hub.log"),
     benchmark:
-        primary_bench_of("push_to_hub")
+        pub("benchmarks/push_to_hub.tsv")
     threads: 1
     resources:
         **resources_for("data"),

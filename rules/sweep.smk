@@ -38,6 +38,9 @@ if SWEEP:
             comparison=per_point("evaluation/comparison.json"),
             deployment=per_point("deployment_model"),
             validation_eval=per_point("evaluation/validation_evaluation.json") if BY_METRIC else [],
+            # halving: every rung's records (rung 0's points, then each middle rung's slots) and promotions
+            records=[f for r in range(HALVING.last) for f in HALVING.records(r)] if HALVING else [],
+            promotions=[HALVING.promotion(r) for r in range(HALVING.last)] if HALVING else [],
         output:
             json=f"{SWEEP_DIR}/leaderboard.json",
             markdown=report(
@@ -60,8 +63,22 @@ if SWEEP:
                 labels={"figure": "validation loss"},
             ),
             best=f"{SWEEP_DIR}/best.json",
+            **(
+                {
+                    "halving": f"{SWEEP_DIR}/halving.json",
+                    "rungs_plot": report(
+                        f"{SWEEP_DIR}/rungs.png",
+                        caption="report/rungs.rst",
+                        category="Sweep",
+                        labels={"figure": "rungs"},
+                    ),
+                }
+                if HALVING
+                else {}
+            ),
         params:
-            points=POINTS,
+            points=POINTS,  # the experiments: every point, or a halving sweep's finalists
+            halving=HALVING.plan() if HALVING else None,
             sweep=SWEEP,
             evaluation=config["evaluation"],
             general=config["general_ability"],  # tolerance / exclude_from_winning (rules/general.smk)

@@ -199,6 +199,43 @@ def test_a_failed_conversion_is_one_clear_error(tmp_path):
     assert not list((exp / "export").iterdir())
 
 
+def test_a_sweep_exports_the_point_it_acts_on(exported, tmp_path):
+    """After a sweep the script picks the point at run time (workflow_scripts/winner.py): here the
+    one `sweep.act_on` names, not the winner (whose model is not even there); its report says which."""
+    exp, _ = exported
+    sweep = tmp_path / "results" / "sweeps" / "s"
+    sweep.mkdir(parents=True)
+    (sweep / "best.json").write_text(json.dumps({"experiment": "sweeps/s/r~2", "select_by": "eval_loss"}))
+    candidates = {
+        name: {"root": str(root), "input": export_job(root, []).input}
+        for name, root in (("sweeps/s/r~2", sweep / "r~2"), ("sweeps/s/r~4", exp))
+    }
+    job = export_job(exp, ["f16"], agreement_prompts=2, max_new_tokens=4)  # cheap: the stage is tested above
+    out = sweep / "export"
+    job = Job(
+        input={"best": str(sweep / "best.json"), "candidates": []},
+        output={
+            "gguf": [str(out / "tiny-s-f16.gguf")],
+            "report": str(out / "export_report.json"),
+            "modelfile": str(out / "Modelfile"),
+        },
+        params={**job.params, "name": "tiny-s", "candidates": candidates, "act_on": "r~4"},
+    )
+    report = export_gguf.run(job)
+    assert report["passed"] and report["deployment_model"] == str(exp / "deployment_model")
+    assert report["acted_on"] == {
+        "point": "sweeps/s/r~4",
+        "experiment": "sweeps/s/r~4",
+        "results_dir": str(exp),
+        "act_on": "r~4",
+        "winner": "sweeps/s/r~2",
+        "is_winner": False,
+        "select_by": "eval_loss",
+    }
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "export_report.json", "tiny-s-f16.gguf"]
+    assert not (exp / "export" / "tiny-s-f16.gguf").exists()
+
+
 def test_chat_on_the_gguf_uses_its_template_and_stops_at_its_eos(exported):
     """The GGUF read back by the chat command: the training prompt, and the evaluation's greedy answer."""
     from workflow_scripts import chat

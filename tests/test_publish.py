@@ -231,6 +231,68 @@ def test_gguf_files_of_another_deployment_model_are_not_uploaded(experiment):
     assert "## GGUF" not in (tmp_path / "results/default/hub/README.md").read_text()
 
 
+def sweep_job(tmp_path, inputs, act_on):
+    """push_to_hub after a sweep of two points: `a~1` (the winner, the fixture's model) and `b~2`
+    (another folder); each candidate holds the rule's inputs and settings for it."""
+    sweep = tmp_path / "results" / "sweeps" / "s"
+    sweep.mkdir(parents=True)
+    (sweep / "best.json").write_text(json.dumps({"experiment": "sweeps/s/a~1", "select_by": "eval_loss"}))
+    other = {k: v.replace("results/default", "results/other") for k, v in inputs.items()}
+    candidates = {
+        "sweeps/s/a~1": {
+            "root": str(tmp_path / "results/default"),
+            "input": inputs,
+            "params": {"dataset": None},
+        },
+        "sweeps/s/b~2": {
+            "root": str(tmp_path / "results/other"),
+            "input": other,
+            "params": {"dataset": None},
+        },
+    }
+    return Job(
+        input={"best": str(sweep / "best.json"), "candidates": [*inputs.values(), *other.values()]},
+        output={"report": str(sweep / "hub/push_report.json"), "card": str(sweep / "hub/README.md")},
+        params={
+            "hub": with_defaults("hub", {"repo_id": "me/m", "dry_run": True}),
+            "export_report": str(sweep / "export/export_report.json"),
+            "candidates": candidates,
+            "act_on": act_on,
+        },
+    )
+
+
+def test_after_a_sweep_the_winner_is_pushed_and_its_card_says_which_point_it_is(experiment):
+    tmp_path, inputs = experiment
+    report = push_to_hub.run(sweep_job(tmp_path, inputs, "best"))
+    assert report["acted_on"]["point"] == "sweeps/s/a~1" and report["acted_on"]["is_winner"]
+    assert [f["path_in_repo"] for f in report["files"]][1] == "config.json"  # the winner's model
+    card = (tmp_path / "results/sweeps/s/hub/README.md").read_text()
+    assert (
+        "## Sweep\n\nThis model is point `a~1` of the sweep `s`: the point the sweep selected on the " in card
+    )
+    assert not (tmp_path / "results/default/hub").exists()
+
+
+def test_a_point_named_by_act_on_is_pushed_and_its_card_names_the_winner_too(experiment):
+    tmp_path, inputs = experiment
+    job = sweep_job(tmp_path, inputs, "a~1")
+    (tmp_path / "results/sweeps/s/best.json").write_text(
+        json.dumps({"experiment": "sweeps/s/b~2", "select_by": "eval_loss"})
+    )
+    report = push_to_hub.run(job)
+    assert report["acted_on"]["point"] == "sweeps/s/a~1" and not report["acted_on"]["is_winner"]
+    card = (tmp_path / "results/sweeps/s/hub/README.md").read_text()
+    assert "point `a~1` of the sweep `s`: chosen by name (`sweep.act_on`); the sweep selected `b~2`" in card
+
+
+def test_an_unknown_point_fails_before_anything_is_written(experiment):
+    tmp_path, inputs = experiment
+    with pytest.raises(StageError, match=r"sweep.act_on: 'c~3' is not a point of this sweep"):
+        push_to_hub.run(sweep_job(tmp_path, inputs, "c~3"))
+    assert not (tmp_path / "results/sweeps/s/hub").exists()
+
+
 @pytest.mark.parametrize(
     "manifest, expected",
     [

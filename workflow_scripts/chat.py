@@ -4,6 +4,8 @@
     snaketune-chat results/default/export/smollm2-135m-instruct-default-q8_0.gguf
     echo "What was the revenue in 2019?" | snaketune-chat results/default/deployment_model
     snaketune-chat results/default/deployment_model --prompt "What was the revenue in 2019?"
+    snaketune-chat results/sweeps/lr-rank                     # a sweep's winner (best.json)
+    snaketune-chat results/sweeps/lr-rank --point learning_rate~0.001_r~16
 
 The prompt is built the way training and evaluation built it, from the experiment's own
 artifacts, never retyped: the chat template is the model's (the deployment model keeps the
@@ -15,7 +17,8 @@ generator (workflow_scripts.evaluation.generate.stream) with the evaluation's de
 recorded settings, else the schema's `evaluation` defaults), so a piped question gets the answer
 the evaluation recorded for it. Tokens are printed as they are generated. This module keeps only
 the command and the conversation. Interactive commands: /reset (forget the conversation), /exit
-(or Ctrl-D).
+(or Ctrl-D). Given a sweep's folder, it talks to the winner in its best.json, or to the finished
+point ``--point`` names (workflow_scripts.winner picks it, as for export_gguf and push_to_hub).
 """
 
 import argparse
@@ -28,6 +31,8 @@ from workflow_scripts.evaluation.prompt_format import EXPERIMENT_INDEX, PromptFo
 
 PROG = "snaketune-chat"
 EVALUATION = "evaluation/finetuned_model_evaluation.json"
+BEST = "best.json"  # in results/sweeps/{sweep}/: the sweep's winner (its leaderboard writes it)
+DEPLOYMENT_MODEL = "deployment_model"  # in a point's folder
 
 
 class ChatError(Exception):
@@ -40,6 +45,26 @@ def find_experiment(model_path: Path) -> Path | None:
         if (folder / EXPERIMENT_INDEX).is_file():
             return folder
     return None
+
+
+def sweep_model(sweep_dir: Path, point: str | None) -> tuple[Path, str]:
+    """(deployment model, what it is) of the sweep point to talk to: best.json's winner, or the
+    finished point ``point`` names. The candidates are the sweep's finished point folders (those
+    with training/run.json: a grid's points, a halving sweep's finalists)."""
+    from workflow_scripts import winner
+    from workflow_scripts.stage import StageError
+
+    candidates = {
+        f"sweeps/{sweep_dir.name}/{d.name}": {"root": str(d)}
+        for d in sorted(sweep_dir.iterdir())
+        if (d / winner.RUN_INFO).is_file()
+    }
+    try:
+        choice = winner.choose(sweep_dir / BEST, point or "best", candidates, key="--point")
+    except StageError as exc:
+        raise ChatError(str(exc)) from None
+    what = "the winner in best.json" if point is None else "--point"
+    return Path(choice.candidate["root"]) / DEPLOYMENT_MODEL, f"point {choice.point} ({what})"
 
 
 def evaluated_generation(experiment_dir: Path | None) -> dict:
@@ -189,7 +214,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "system prompt it was trained with. Interactive on a terminal; with --prompt or piped stdin it "
         "prints one answer and exits.",
     )
-    parser.add_argument("model", help="results/<experiment>/deployment_model, or a .gguf file")
+    parser.add_argument(
+        "model",
+        help="results/<experiment>/deployment_model, a .gguf file, or a sweep folder results/sweeps/<name> "
+        "(its winner)",
+    )
+    parser.add_argument(
+        "--point",
+        help="with a sweep folder: talk to this finished point (its name as in the leaderboard) instead of the winner",
+    )
     parser.add_argument("--prompt", help="ask this one question and exit (otherwise stdin, when piped)")
     parser.add_argument("--system", help="system prompt to use instead of the experiment's")
     parser.add_argument(
@@ -231,7 +264,15 @@ def check_model_path(model_path: Path) -> None:
 
 
 def _main(args) -> int:
-    model_path = Path(args.model)
+    model_path, acted_on = Path(args.model), None
+    if model_path.is_dir() and (model_path / BEST).is_file():
+        model_path, acted_on = sweep_model(model_path, args.point)
+    elif args.point is not None:
+        raise ChatError(
+            f"--point: {model_path} is not a sweep folder (results/sweeps/<name>, holding {BEST})"
+        )
+    elif model_path.is_dir() and model_path.parent.name == "sweeps":
+        raise ChatError(f"{model_path}: no {BEST}: the sweep has not finished (its leaderboard writes it)")
     check_model_path(model_path)
     experiment = Path(args.experiment) if args.experiment else find_experiment(model_path)
     if args.experiment and not experiment.is_dir():
@@ -270,6 +311,7 @@ def _main(args) -> int:
         chat,
         [
             f"snaketune chat: {model_path} ({how}, up to {settings.max_new_tokens} new tokens)",
+            *([f"sweep {acted_on}"] if acted_on else []),
             f"system prompt ({fmt.source or '--system'}): {system!r}" if system else "no system prompt",
         ],
     )

@@ -24,6 +24,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +299,14 @@ def expand(config: dict) -> list[Experiment]:
     names = point_names(overrides)
     base = copy.deepcopy(config)
     base.pop("sweep")
+    if sweep["strategy"] == "halving":
+        check_halving(sweep, base["training"], overrides)
+        base["training"]["max_steps"] = sweep["halving"]["rungs"][-1]
+    elif sweep.get("halving"):
+        raise ConfigError(
+            "sweep.halving: set, but sweep.strategy is grid (set strategy: halving, or drop it)"
+        )
+    check_act_on(sweep, names)
     experiments = []
     for i, (name, values) in enumerate(zip(names, overrides, strict=True)):
         where = f"sweep point {i} ({name})"
@@ -310,3 +319,155 @@ def expand(config: dict) -> list[Experiment]:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
     return experiments
+
+
+def check_act_on(sweep: dict, names: list[str]) -> None:
+    """`sweep.act_on` is `best` or one of the points (short or full name)."""
+    act_on = sweep["act_on"]
+    if act_on == "best" or act_on in names or act_on in (f"sweeps/{sweep['name']}/{n}" for n in names):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(act_on.rsplit("/", 1)[-1], names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; the points: {', '.join(names[:5])}"
+    raise ConfigError(
+        f"sweep.act_on: {act_on!r} is neither `best` nor a point of sweep {sweep['name']!r}{hint}"
+    )
+
+
+# --- successive halving --------------------------------------------------------------------------
+
+# Training keys a halving sweep cannot vary: max_length/overlength change the formatted (so the
+# validation) data the rungs rank on, max_steps is the last rung.
+HALVING_FIXED_TRAINING = (*FORMAT_KEYS, "max_steps")
+
+
+def check_halving(sweep: dict, training: dict, overrides: list[dict]) -> None:
+    """What a halving sweep needs, refused at load naming the key (the points are checked by
+    `halving_point_problems` once resolved)."""
+    halving = sweep.get("halving")
+    if halving is None:
+        raise ConfigError("sweep.halving: required with sweep.strategy: halving (rungs and keep)")
+    rungs = halving["rungs"]
+    if any(b <= a for a, b in itertools.pairwise(rungs)):
+        raise ConfigError(f"sweep.halving.rungs: {rungs} must be strictly increasing training steps")
+    if training["max_steps"] not in (-1, rungs[-1]):
+        raise ConfigError(
+            f"sweep.halving.rungs: the last rung ({rungs[-1]}) is every point's max_steps, but "
+            f"training.max_steps is {training['max_steps']} (config.yaml's demo value applies unless you "
+            f"set it): set training.max_steps to {rungs[-1]} or -1"
+        )
+    for origin, dotted in _varied_keys(sweep, overrides):
+        section, _, key = dotted.partition(".")
+        top = key.split(".", 1)[0]
+        if section not in ("training", "peft") or (section == "training" and top in HALVING_FIXED_TRAINING):
+            raise ConfigError(
+                f"sweep.{origin}: {dotted}: a halving sweep ranks every point on one validation split at "
+                f"the same steps, so its points vary only training and peft keys (not "
+                f"{', '.join('training.' + k for k in HALVING_FIXED_TRAINING)})"
+            )
+
+
+def _varied_keys(sweep: dict, overrides: list[dict]) -> list[tuple[str, str]]:
+    """(where it is written, dotted key) of every key the sweep's points set."""
+    written = [("grid", k) for k in sweep.get("grid") or {}]
+    written += [(f"points[{i}]", k) for i, p in enumerate(sweep.get("points") or []) for k in p]
+    written += [("samples.space", k) for k in (sweep.get("samples") or {}).get("space", {})]
+    seen = {k for _, k in written}
+    return written + [("points", k) for o in overrides for k in o if k not in seen]
+
+
+def halving_point_problems(point: dict) -> list[str]:
+    """A resolved point's settings halving cannot work with (a point may set them itself)."""
+    training = point["training"]
+    problems = []
+    if training["eval_strategy"] == "no":
+        problems.append(
+            "training.eval_strategy: 'no' — halving ranks points on the validation loss at each rung"
+        )
+    if training["early_stopping_patience"]:
+        problems.append(
+            "training.early_stopping_patience: halving stops points early itself; a point stopped before "
+            "a rung's step could not be compared there (set it to null)"
+        )
+    return problems
+
+
+def halving_slots(n_points: int, keep: float, n_rungs: int) -> list[int]:
+    """How many points train in each rung: all at the first, then ceil(keep * previous), at least 1."""
+    slots = [n_points]
+    for _ in range(n_rungs - 1):
+        slots.append(max(1, math.ceil(keep * slots[-1] - 1e-9)))
+    return slots
+
+
+@dataclass(frozen=True)
+class Halving:
+    """The static plan of a halving sweep: every rung's slots and the files that connect them.
+
+    results/sweeps/{S}/{point}/halving/rung-0.json       each point's first rung (train_rung0)
+    results/sweeps/{S}/halving/promotion-{r}.json        the survivors of rung r (promote)
+    results/sweeps/{S}/halving/rung-{r}/slot-{k}.json    slot k of a middle rung r (train_rung)
+    results/sweeps/{S}/finalist-{k}/                     slot k of the last rung: an experiment
+                                                         (train_finalist, then merge, evaluation ...)
+    """
+
+    sweep: str
+    rungs: tuple[int, ...]
+    keep: float
+    slots: tuple[int, ...]
+    points: tuple[Experiment, ...]
+    finalists: tuple[Experiment, ...]
+
+    @property
+    def folder(self) -> str:
+        return f"results/sweeps/{self.sweep}/halving"
+
+    @property
+    def last(self) -> int:
+        return len(self.rungs) - 1
+
+    def record(self, rung: int, slot: int) -> str:
+        """The record of slot ``slot`` of rung ``rung`` < last (at rung 0, a slot is a point)."""
+        if rung == 0:
+            return f"results/{self.points[slot].name}/halving/rung-0.json"
+        return f"{self.folder}/rung-{rung}/slot-{slot}.json"
+
+    def records(self, rung: int) -> list[str]:
+        return [self.record(rung, k) for k in range(self.slots[rung])]
+
+    def promotion(self, rung: int) -> str:
+        return f"{self.folder}/promotion-{rung}.json"
+
+    def plan(self) -> dict:
+        """What the leaderboard and halving.json read of the plan."""
+        return {
+            "rungs": list(self.rungs),
+            "keep": self.keep,
+            "slots": list(self.slots),
+            "points": [p.name for p in self.points],
+            "finalists": [f.name for f in self.finalists],
+        }
+
+
+FINALIST_RE = r"finalist-\d+"
+
+
+def halving(config: dict, points: list[Experiment]) -> Halving | None:
+    """The halving plan of a sweep with `strategy: halving` (None otherwise). The finalists are
+    experiments of the sweep's base config: which point each one holds is decided at run time
+    (its run.json and experiment.json name it)."""
+    sweep = config.get("sweep")
+    if not sweep or sweep["strategy"] != "halving":
+        return None
+    for p in points:
+        problems = halving_point_problems(p.config)
+        if problems:
+            raise ConfigError(f"sweep point {p.name.rsplit('/', 1)[-1]}: {problems[0]}")
+    rungs, keep = tuple(sweep["halving"]["rungs"]), sweep["halving"]["keep"]
+    slots = tuple(halving_slots(len(points), keep, len(rungs)))
+    base = copy.deepcopy(config)
+    base.pop("sweep")
+    base["training"]["max_steps"] = rungs[-1]
+    finalists = tuple(layout(f"sweeps/{sweep['name']}/finalist-{k}", base) for k in range(slots[-1]))
+    return Halving(sweep["name"], rungs, keep, slots, tuple(points), finalists)

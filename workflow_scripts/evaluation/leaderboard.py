@@ -5,6 +5,12 @@ validation evaluation. Work: the selection value of each point (validation only,
 the winner, each metric's mean and 95% bootstrap CI on test, and each point's paired-bootstrap
 test delta against the winner (is the winner actually better?). Save: leaderboard.{json,md,csv},
 two plots, and best.json pointing at the winner's deployment model.
+
+Successive halving (``params.halving``: the plan): the experiments are the sweep's finalists; each
+row is named by the POINT it trained (its run.json "point"), and the points pruned at a rung follow
+the finalists with their rung reached and no test metrics. Set-up also reads every rung record
+(``input.records``) and promotion (``input.promotions``); save also writes halving.json (what the
+sweep spent against a grid) and the rung plot.
 """
 
 import csv
@@ -15,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.evaluation import general_compare
+from workflow_scripts.evaluation import general_compare, halving
 from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
 from workflow_scripts.evaluation.compare import paired_delta
 from workflow_scripts.evaluation.metrics import PAIRED, producer
@@ -56,18 +62,71 @@ def metric_table(predictions: list[dict], samples: int, seed: int) -> dict[str, 
     return out
 
 
-def build(points: list[dict], select_by, samples: int, seed: int, general: dict | None = None) -> dict:
+def _point_of(p: dict, halving_points: dict[str, dict]) -> str:
+    """The point a halving finalist trained: its run.json "point", which the halving summary knows."""
+    point = p["run_info"].get("point")
+    if point is None:
+        raise StageError(
+            f"leaderboard: {p['name']}'s training/run.json has no 'point' (a halving finalist names its point)"
+        )
+    if halving_points.get(point, {}).get("finalist") != p["name"]:
+        raise StageError(
+            f"leaderboard: {p['name']} trained point {point}, which the halving records do not make a finalist"
+        )
+    return point
+
+
+def _pruned_rows(summary: dict) -> list[dict]:
+    """Points a rung cut: deepest rung first, then by validation loss at that rung, then sweep order."""
+    pruned = [q for q in summary["points"] if q["finalist"] is None]
+    pruned.sort(key=lambda q: (-q["rung_reached"], q["scores"][q["rung_reached"]]))
+    return [
+        {
+            "experiment": q["point"],
+            "results_dir": f"results/{q['point']}",  # its checkpoints and rung records
+            "selection_value": None,
+            "test": {},
+            "vs_base": {},
+            "deployment_model": None,
+            "general_ability": None,
+            "selected": False,
+            "vs_selected": {},
+            "paired_with_selected": False,
+            "rung_reached": q["rung_reached"],
+            "rung_scores": q["scores"],
+        }
+        for q in pruned
+    ]
+
+
+def build(
+    points: list[dict],
+    select_by,
+    samples: int,
+    seed: int,
+    general: dict | None = None,
+    halving_summary: dict | None = None,
+) -> dict:
     """``points``: name, run_info, predictions, validation_eval (or None), comparison, deployment.
-    ``general``: the general_ability settings (whether flagged points may win)."""
+    ``general``: the general_ability settings (whether flagged points may win).
+
+    ``halving_summary`` (`halving.summary`, a successive-halving sweep): ``points`` are the finalists;
+    a row's ``experiment`` is the point it trained and ``results_dir`` the finalist's folder; the
+    pruned points follow the finalists (no test metrics). ``rung_reached``: the last rung a point
+    trained to (the finalists: the last rung); None in a grid, which has no rungs."""
     if not points:
         raise StageError("leaderboard: no points")
+    halving_points = {q["point"]: q for q in halving_summary["points"]} if halving_summary else {}
     rows = []
     higher = None
     for p in points:
         value, higher = selection_value(select_by, p["run_info"], p.get("validation_eval"))
+        point = _point_of(p, halving_points) if halving_summary else p["name"]
         rows.append(
             {
-                "experiment": p["name"],
+                "experiment": point,
+                "results_dir": f"results/{p['name']}",
+                "rung_reached": halving_points[point]["rung_reached"] if halving_summary else None,
                 "selection_value": value,
                 "test": metric_table(p["predictions"], samples, seed),
                 "vs_base": {
@@ -95,17 +154,38 @@ def build(points: list[dict], select_by, samples: int, seed: int, general: dict 
                 d = paired_delta(best_preds, p["predictions"], key, samples, seed)
                 row["vs_selected"][name] = {k: d[k] for k in ("delta", "ci95", "significant")}
     order = sorted(range(len(rows)), key=lambda i: rows[i]["selection_value"], reverse=bool(higher))
-    return {
+    if halving_summary:
+        for row in rows:
+            row["rung_scores"] = halving_points[row["experiment"]]["scores"]
+    board = {
+        "strategy": "halving" if halving_summary else "grid",
         "select_by": select_by,
         "higher_is_better": bool(higher),
         "n_test_examples": len(prompts),  # of the selected point
         "selected": rows[best]["experiment"],
-        "points": [rows[i] for i in order],
+        "points": [rows[i] for i in order] + (_pruned_rows(halving_summary) if halving_summary else []),
         "general_ability": {
             "exclude_from_winning": bool(general and general.get("exclude_from_winning")),
             "flagged": [r["experiment"] for r in rows if (r["general_ability"] or {}).get("flagged")],
         },
     }
+    if halving_summary:
+        keys = ("rungs", "keep", "slots", "steps_spent", "grid_steps", "fraction_of_grid")
+        board["halving"] = {k: halving_summary[k] for k in keys}
+    return board
+
+
+def finished(board: dict) -> list[dict]:
+    """The rows that trained to the end (every row of a grid; a halving sweep's finalists)."""
+    return [r for r in board["points"] if r["selection_value"] is not None]
+
+
+def _rung_cell(board: dict, row: dict) -> str:
+    rungs = board["halving"]["rungs"]
+    reached = row["rung_reached"]
+    if reached == len(rungs) - 1:
+        return f"{reached} (step {rungs[reached]}, finished)"
+    return f"{reached} (step {rungs[reached]}, val. loss {row['rung_scores'][reached]:.4f})"
 
 
 def _fmt_ci(entry: dict | None) -> str:
@@ -128,28 +208,43 @@ def to_markdown(board: dict, sweep_name: str) -> str:
         else f"validation {sel['metric']} (higher wins)"
     )
     names = metric_names(board)
-    lines = [
-        f"# Sweep `{sweep_name}`: {len(board['points'])} points",
-        "",
+    halving_info = board.get("halving")
+    lines = [f"# Sweep `{sweep_name}`: {len(board['points'])} points", ""]
+    if halving_info:
+        rungs = "/".join(map(str, halving_info["rungs"]))
+        lines += [
+            f"Successive halving: rungs at steps {rungs}, keeping {halving_info['keep']} of the points at "
+            f"each rung (slots {'/'.join(map(str, halving_info['slots']))}), ranked on validation loss at "
+            "the rung (an exact tie goes to the earlier point in sweep order); the finalists are then "
+            "selected as below. Pruned points have no test metrics.",
+            "",
+            f"steps spent: {halving_info['steps_spent']} of a grid's {halving_info['grid_steps']} "
+            f"({100 * halving_info['fraction_of_grid']:.1f}%)",
+            "",
+        ]
+    rung_head, rung_rule = ("rung reached | ", "---|") if halving_info else ("", "")
+    lines += [
         f"Selected by **{sel_text}**; the test split is only reported, never used to choose. Test metrics on "
         f"{board['n_test_examples']} prompts: mean [95% bootstrap CI]. *Δ vs selected*: paired-bootstrap "
         "CI of the point's test answer accuracy minus the selected point's (a CI that contains 0 means "
         "the test set cannot tell the two apart).",
         "",
-        "| | point | selection | " + " | ".join(f"test {n}" for n in names) + " | Δ accuracy vs selected |",
-        "|---|---|---|" + "---|" * len(names) + "---|",
+        f"| | point | selection | {rung_head}"
+        + " | ".join(f"test {n}" for n in names)
+        + " | Δ accuracy vs selected |",
+        f"|---|---|---|{rung_rule}" + "---|" * len(names) + "---|",
     ]
     for r in board["points"]:
         mark = "**selected**" if r["selected"] else ""
         cells = [_fmt_ci(r["test"].get(n)) for n in names]
         vs = "—" if r["selected"] else _fmt_ci(r["vs_selected"].get("answer_accuracy"))
         vs = vs if r["paired_with_selected"] else "other test prompts"
-        lines.append(
-            f"| {mark} | `{r['experiment']}` | {r['selection_value']:.4f} | "
-            + " | ".join(cells)
-            + f" | {vs} |"
-        )
-    lines += general_compare.leaderboard_markdown(board)
+        value = "—" if r["selection_value"] is None else f"{r['selection_value']:.4f}"
+        rung = f"{_rung_cell(board, r)} | " if halving_info else ""
+        if r["selection_value"] is None:
+            vs = "pruned"
+        lines.append(f"| {mark} | `{r['experiment']}` | {value} | {rung}" + " | ".join(cells) + f" | {vs} |")
+    lines += general_compare.leaderboard_markdown({**board, "points": finished(board)})
     winner = next(r for r in board["points"] if r["selected"])
     lines += ["", f"Deployment model of the selected point: `{winner['deployment_model']}`"]
     return "\n".join(lines) + "\n"
@@ -157,7 +252,9 @@ def to_markdown(board: dict, sweep_name: str) -> str:
 
 def write_csv(board: dict, path: str) -> None:
     names = metric_names(board)
+    halving_mode = "halving" in board
     header = ["experiment", "selected", "selection_value"]
+    header += ["rung_reached", "results_dir"] if halving_mode else []
     for n in names:
         header += [f"test_{n}", f"test_{n}_ci_low", f"test_{n}_ci_high"]
     header += ["accuracy_vs_selected", "accuracy_vs_selected_ci_low", "accuracy_vs_selected_ci_high"]
@@ -167,6 +264,7 @@ def write_csv(board: dict, path: str) -> None:
         w.writerow(header)
         for r in board["points"]:
             row = [r["experiment"], r["selected"], r["selection_value"]]
+            row += [r["rung_reached"], r["results_dir"]] if halving_mode else []
             for n in names:
                 m = r["test"].get(n)
                 row += [m["mean"], *m["ci95"]] if m else ["", "", ""]
@@ -183,7 +281,7 @@ def plot(board: dict, curves: dict[str, list[tuple[int, float]]], metrics_png: s
     import matplotlib.pyplot as plt
 
     names = metric_names(board)
-    points = board["points"]
+    points = finished(board)  # pruned points have no test metrics
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 0.5 * len(points) + 2))
     axes = np.atleast_1d(axes)
     for ax, name in zip(axes, names, strict=False):
@@ -240,8 +338,25 @@ def eval_curve(metrics_csv: str) -> list[tuple[int, float]]:
     ]
 
 
+def _read_json_list(paths) -> list[dict]:
+    return [json.loads(Path(p).read_text()) for p in ([paths] if isinstance(paths, str) else paths)]
+
+
+def read_halving(job: Job, names: list[str], run_infos: list[dict]) -> dict:
+    """halving.json's summary from the plan (params.halving), the rung records and promotions."""
+    plan = job.params.halving
+    if list(plan["finalists"]) != names:
+        raise StageError(
+            f"leaderboard: params points {names} are not the halving plan's finalists {plan['finalists']}"
+        )
+    records = _read_json_list(job.input.records)
+    promotions = _read_json_list(job.input.promotions)
+    return halving.summary(plan, records, run_infos, promotions)
+
+
 def run(job: Job) -> dict:
-    """The rule's inputs are lists with one entry per point, in the order of ``params.points``."""
+    """The rule's inputs are lists with one entry per point, in the order of ``params.points`` (under
+    halving: the finalists)."""
     names = list(job.params.points)
     loaded, curves = [], {}
     for i, name in enumerate(names):
@@ -257,9 +372,18 @@ def run(job: Job) -> dict:
             }
         )
         curves[name] = eval_curve(job.input.metrics[i])
+    summary = None
+    if job.params.get("halving"):
+        summary = read_halving(job, names, [p["run_info"] for p in loaded])
+        curves = {p["run_info"]["point"]: curves[p["name"]] for p in loaded}  # rows are named by point
     sweep, evaluation = job.params.sweep, job.params.evaluation
     board = build(
-        loaded, sweep["select_by"], evaluation["bootstrap_samples"], evaluation["seed"], job.params.general
+        loaded,
+        sweep["select_by"],
+        evaluation["bootstrap_samples"],
+        evaluation["seed"],
+        job.params.general,
+        summary,
     )
     out = job.output
     write_json(out.json, board)
@@ -267,11 +391,16 @@ def run(job: Job) -> dict:
         tmp.write_text(to_markdown(board, sweep["name"]))
     write_csv(board, out.csv)
     plot(board, curves, out.metrics_plot, out.curves_plot)
+    if summary:
+        write_json(out.halving, {**summary, "selected": board["selected"]})
+        halving.plot(summary, board["selected"], out.rungs_plot)
     winner = next(r for r in board["points"] if r["selected"])
     write_json(
         out.best,
         {
-            "experiment": winner["experiment"],
+            "experiment": winner["experiment"],  # under halving: the winning point, not its finalist slot
+            "results_dir": winner["results_dir"],
+            "strategy": board["strategy"],
             "deployment_model": winner["deployment_model"],
             "select_by": board["select_by"],
             "selection_value": winner["selection_value"],

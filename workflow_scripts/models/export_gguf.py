@@ -34,6 +34,7 @@ import torch
 from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.logs import run_logged
 from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
+from workflow_scripts.winner import subject
 
 log = logging.getLogger("snaketune.export_gguf")
 
@@ -268,7 +269,8 @@ def check_file(path: Path, outtype: str, ref: Reference, cfg: dict, name: str) -
 
 
 def run(job: Job) -> dict:
-    cfg, deployment_dir = job.params.export, job.input.deployment_dir
+    chosen = subject(job)  # the experiment, or the sweep point acted on (workflow_scripts/winner.py)
+    cfg, deployment_dir = job.params.export, chosen.input.deployment_dir
     set_threads(job.threads)
     info = converter_info()  # fails first when the export extra is missing
     from workflow_scripts.models.families import family_of
@@ -281,10 +283,11 @@ def run(job: Job) -> dict:
     files = job.output.gguf if isinstance(job.output.gguf, list) else [job.output.gguf]
     outputs = dict(zip(cfg["outtypes"], map(Path, files), strict=True))  # the rule expands them in this order
     t_start = time.perf_counter()
-    ref = Reference(deployment_dir, job.input.test, cfg)
+    ref = Reference(deployment_dir, chosen.input.test, cfg)
     reference_s = time.perf_counter() - t_start
     report = {
         **info,
+        **({"acted_on": chosen.acted_on} if chosen.acted_on else {}),
         "deployment_model": str(deployment_dir),
         "source_weights_sha256": weights_sha256(deployment_dir),
         "n_logit_prompts": min(N_LOGIT_PROMPTS, len(ref.prompts)),
@@ -328,7 +331,7 @@ def run(job: Job) -> dict:
 
         first = next(iter(outputs.values())).name
         with atomic_path(job.output.modelfile) as tmp:
-            tmp.write_text(modelfile(first, ref, prompt_format_of(job.input.test)))
+            tmp.write_text(modelfile(first, ref, prompt_format_of(chosen.input.test)))
     write_json(job.output.report, report)
     return report
 

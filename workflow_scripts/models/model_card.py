@@ -137,9 +137,11 @@ def publish_card(
     finetuned_eval: dict,
     gguf: list[dict] | None = None,
     license: str | None = None,
+    sweep_point: dict | None = None,
 ) -> str:
     """The card uploaded to ``repo_id`` (a model of ``family``): merge's card with the evaluation, the
-    dataset and the GGUF files added. ``gguf`` holds {'file', 'bytes', 'outtype', 'check'} rows of verified exports."""
+    dataset and the GGUF files added. ``gguf`` holds {'file', 'bytes', 'outtype', 'check'} rows of verified exports;
+    ``sweep_point`` the sweep point it is (workflow_scripts.winner's record), for a sweep."""
     from huggingface_hub import ModelCard, ModelCardData
 
     body = ModelCard(card_text).text if card_text.startswith("---") else card_text
@@ -194,4 +196,18 @@ intervals (`*`: the interval excludes zero).
             f"| `{g['file']}` | {g['outtype']} | {_size(g['bytes'])} | {g['check']} |\n" for g in gguf
         )
         body += f"\n```bash\nllama-cli -hf {repo_id}:{gguf[0]['outtype'].upper()}\n```\n"
+    if sweep_point:
+        body += _sweep_section(sweep_point)
     return _card(data, body)
+
+
+def _sweep_section(point: dict) -> str:
+    """Which point of a sweep this model is, and whether it is the one the sweep selected."""
+    *_, sweep, name = point["point"].split("/")
+    how = (
+        f"the point the sweep selected on the validation split (`{point['select_by']}`)"
+        if point["is_winner"]
+        else f"chosen by name (`sweep.act_on`); the sweep selected `{point['winner'].rsplit('/', 1)[-1]}` "
+        f"on the validation split (`{point['select_by']}`)"
+    )
+    return f"\n## Sweep\n\nThis model is point `{name}` of the sweep `{sweep}`: {how}.\n"

@@ -19,6 +19,7 @@ from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models import model_card
 from workflow_scripts.models.families import family_of
 from workflow_scripts.stage import Job, StageError, snakemake_main
+from workflow_scripts.winner import subject
 
 log = logging.getLogger("snaketune.push_to_hub")
 
@@ -100,8 +101,9 @@ def run(job: Job) -> dict:
         raise StageError(
             "HF_TOKEN: not set in the environment or .env; it is needed to push (nothing was uploaded)"
         )
-    deployment_dir = job.input.deployment_dir
-    manifest = model_card.read_manifest(job.input.base_model_dir)
+    chosen = subject(job)  # the experiment, or the sweep point acted on (workflow_scripts/winner.py)
+    deployment_dir = chosen.input.deployment_dir
+    manifest = model_card.read_manifest(chosen.input.base_model_dir)
     origin = model_card.base_model_origin(manifest)
     gguf_rows, gguf_plan = exported_gguf(job.params.get("export_report"), deployment_dir)
     card_path = Path(deployment_dir) / "README.md"
@@ -110,18 +112,21 @@ def run(job: Job) -> dict:
         repo_id=repo_id,
         family=family_of(deployment_dir),
         manifest=manifest,
-        dataset_cfg=job.params.get("dataset"),
-        comparison=json.loads(Path(job.input.comparison).read_text()),
-        finetuned_eval=json.loads(Path(job.input.finetuned).read_text()),
+        dataset_cfg=chosen.params.get("dataset"),
+        comparison=json.loads(Path(chosen.input.comparison).read_text()),
+        finetuned_eval=json.loads(Path(chosen.input.finetuned).read_text()),
         gguf=gguf_rows,
         license=None if (dry_run or origin["license"]) else base_license(origin["base_model"], token),
+        sweep_point=chosen.acted_on,
     )
     with atomic_path(job.output.card) as tmp:
         tmp.write_text(card)
-    evaluations = [job.input.base, job.input.finetuned, job.input.comparison]
+    evaluations = [chosen.input.base, chosen.input.finetuned, chosen.input.comparison]
     plan = upload_plan(deployment_dir, str(job.output.card), evaluations, gguf_plan)
     files = [{"path_in_repo": dest, "bytes": Path(src).stat().st_size} for src, dest in plan]
     report = {"repo_id": repo_id, "private": hub["private"], "dry_run": dry_run, "files": files}
+    if chosen.acted_on:
+        report["acted_on"] = chosen.acted_on
     if dry_run:
         for f in files:
             print(f"would upload {f['path_in_repo']} ({f['bytes']:,} bytes)")

@@ -47,17 +47,28 @@ def checkpoint_is_complete(path: Path) -> bool:
         return False
 
 
-def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
-    candidates = sorted(
-        (p for p in checkpoint_dir.glob("checkpoint-*") if CHECKPOINT_RE.match(p.name)),
-        key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)),
-        reverse=True,
-    )
-    for cand in candidates:
-        if checkpoint_is_complete(cand):
-            return cand
-        log.warning("skipping incomplete checkpoint %s (interrupted while being written)", cand.name)
+def find_resume_checkpoint(checkpoint_dir: Path, max_step: int | None = None) -> Path | None:
+    """The newest complete checkpoint; with ``max_step``, the newest at or before that step."""
+    steps = {
+        int(m.group(1)): p for p in checkpoint_dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))
+    }
+    for step in sorted(steps, reverse=True):
+        if max_step is not None and step > max_step:
+            continue
+        if checkpoint_is_complete(steps[step]):
+            return steps[step]
+        log.warning("skipping incomplete checkpoint %s (interrupted while being written)", steps[step].name)
     return None
+
+
+def discard_checkpoints_after(checkpoint_dir: Path, step: int) -> None:
+    """Remove the checkpoints past ``step``: a run that continues from ``step`` rewrites that part
+    of the trajectory, and the trainer's rotation would otherwise delete the new checkpoints first."""
+    for path in checkpoint_dir.glob("checkpoint-*"):
+        m = CHECKPOINT_RE.match(path.name)
+        if m and int(m.group(1)) > step:
+            log.info("removing %s: this run continues from step %d and rewrites it", path.name, step)
+            shutil.rmtree(path)
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -83,8 +94,9 @@ def fingerprint(training: dict, peft: dict, files: list[str]) -> str:
     return h.hexdigest()
 
 
-def prepare_checkpoint_dir(checkpoint_dir: Path, fp: str) -> Path | None:
-    """Keep checkpoints of the same run (and return the one to resume), clear those of another."""
+def prepare_checkpoint_dir(checkpoint_dir: Path, fp: str, max_step: int | None = None) -> Path | None:
+    """Keep checkpoints of the same run (and return the one to resume, at or before ``max_step``
+    when given), clear those of another."""
     marker = checkpoint_dir / FINGERPRINT
     if checkpoint_dir.exists():
         old = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
@@ -95,4 +107,4 @@ def prepare_checkpoint_dir(checkpoint_dir: Path, fp: str) -> Path | None:
             shutil.rmtree(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"fingerprint": fp})
-    return find_resume_checkpoint(checkpoint_dir)
+    return find_resume_checkpoint(checkpoint_dir, max_step)

@@ -5,6 +5,11 @@ one; a changed config or data starts fresh), one process per GPU when there are 
 (launch.py), W&B (tracking.py), the model with LoRA on the layers its family allows, the trainer.
 Train: ``trainer.train(resume_from_checkpoint=...)``. Save: the adapter and the chat formatter,
 metrics.csv and the loss plot, run.json with the provenance of the run.
+
+Successive halving (params.halving set) runs the same recipe in slices of one trajectory: a rung
+job continues its point from the newest checkpoint at or before the rung's step, stops there with a
+checkpoint and a validation loss, and writes a rung record; the final rung writes the outputs above.
+The schedule runs over training.max_steps (the last rung), so rung after rung equals straight training.
 """
 
 import json
@@ -13,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models.families import ModelFamily, family_of
@@ -27,7 +33,9 @@ from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 from workflow_scripts.trainer_fields import lora_kwargs, trainer_kwargs
 from workflow_scripts.training import launch
 from workflow_scripts.training.checkpoints import (
+    checkpoint_is_complete,
     checkpoint_step,
+    discard_checkpoints_after,
     fingerprint,
     load_checkpoint,
     prepare_checkpoint_dir,
@@ -47,38 +55,94 @@ log = logging.getLogger("snaketune.train")
 
 # ---------------------------------------------------------------- the stage
 def run(job: Job) -> dict:
-    """The `train` rule: find the checkpoint to resume from, then train in this process or in
-    one process per GPU."""
-    training, peft_cfg = job.params.training, job.params.peft
+    """The `train` rule (and the halving rules `train_rung0`, `train_rung`, `train_finalist`): find
+    the checkpoint to resume from, then train in this process or in one process per GPU."""
+    job = resolve_point(job)
+    training, peft_cfg, halving = job.params.training, job.params.peft, job.params.get("halving")
     checkpoint_dir = Path(job.params.checkpoint_dir)
+    target = halving["target_step"] if halving else None
+    if halving and not (
+        0 < target <= training["max_steps"] and (target == training["max_steps"]) == halving["final"]
+    ):
+        raise StageError(
+            f"halving: target_step {target} of rung {halving['rung']} does not fit training.max_steps "
+            f"{training['max_steps']} (the last rung must equal it, the others lie below)"
+        )
     data = [job.input.train, job.input.validation, str(Path(job.input.model_dir) / "config.json")]
-    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint(training, peft_cfg, data))
+    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint(training, peft_cfg, data), max_step=target)
     if resume is not None:
         log.info("resuming from %s", resume.name)
     else:
         log.info("no complete checkpoint in %s: training from scratch", checkpoint_dir)
+    if halving and (resume is None or checkpoint_step(resume) < target):
+        discard_checkpoints_after(checkpoint_dir, checkpoint_step(resume) if resume else 0)
     nproc = launch.num_processes(training, job.params.gpus)
     if nproc > 1:
         # by import name: as a Snakemake script this file runs as __main__, which a child cannot import
         launch.relaunch(job, nproc, resume, checkpoint_dir, "workflow_scripts.training.train:train_process")
-        return json.loads(Path(job.output.run_info).read_text())
+        return json.loads(Path(job.output.get("run_info") or job.output.record).read_text())
     return train_process(job, resume)
+
+
+def resolve_point(job: Job) -> Job:
+    """The job with its point's training, peft and checkpoint_dir in params (and halving.point
+    named). A plain or rung-0 job has them already; a later rung's slot reads the record of the
+    point the promotion put in that slot."""
+    halving = job.params.get("halving")
+    if halving is None or halving["rung"] == 0:
+        return job
+    promotion = json.loads(Path(job.input.promotion).read_text())
+    survivors, slot = promotion["survivors"], halving["slot"]
+    if not 0 <= slot < len(survivors):
+        raise StageError(f"{job.input.promotion}: no survivor for slot {slot} ({len(survivors)} survivors)")
+    record = json.loads(Path(survivors[slot]["record"]).read_text())
+    params = {
+        **job.params,
+        "training": record["training"],
+        "peft": record["peft"],
+        "checkpoint_dir": record["checkpoint_dir"],
+        "halving": {**halving, "point": survivors[slot]["point"]},
+    }
+    return Job(input=job.input, output=job.output, params=params, threads=job.threads)
+
+
+class StopAtStep(TrainerCallback):
+    """Ends training at ``step`` with a checkpoint and a validation loss of that step (a rung's end).
+    The trainer evaluates before it saves, so the checkpoint's trainer_state holds that loss.
+
+    An evaluation the schedule would not make at that step is marked RNG-neutral (the trainer
+    restores torch's RNG after it): the checkpoint then carries the RNG state of a straight run, so
+    the next rung continues exactly as if the point had never stopped. (The default flow callback
+    runs first, so ``control.should_evaluate`` already says whether the schedule evaluates here.)"""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.trainer = None  # set once the trainer exists
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step >= self.step:
+            if not control.should_evaluate:
+                self.trainer.rng_neutral_eval_step = state.global_step
+            control.should_evaluate = control.should_save = control.should_training_stop = True
+        return control
 
 
 def train_process(job: Job, resume: Path | None) -> dict:
     """One training process (of one, or of several under `launch.relaunch`)."""
     t_start = time.time()
     training, peft_cfg, wandb_cfg = job.params.training, job.params.peft, job.params.wandb
+    halving = job.params.get("halving")
+    rung_job = halving is not None and not halving["final"]  # stops at its rung, writes a record
 
     # ---- set-up
     set_threads(training["fast_path"]["threads"] or job.threads)
     device = torch_device()
-    wandb_on = configure_wandb(
-        wandb_cfg, Path(job.output.adapter_dir).parent / "wandb", job.params.experiment
-    )
+    out_dir = Path(job.output.adapter_dir if not rung_job else job.params.checkpoint_dir).parent
+    wandb_on = configure_wandb(wandb_cfg, out_dir / "wandb", job.params.experiment or halving["point"])
     # W&B only where the wandb section enables it and training.report_to (a TRL key) names it
     report_to = ["wandb"] if wandb_on and "wandb" in training["report_to"] else ["none"]
     torch.manual_seed(training["seed"])
+    stop = StopAtStep(halving["target_step"]) if rung_job else None
     trainer, collator, info = build_trainer(
         job.input.train,
         job.input.validation,
@@ -88,7 +152,10 @@ def train_process(job: Job, resume: Path | None) -> dict:
         Path(job.params.checkpoint_dir),
         report_to,
         device,
+        extra_callbacks=[stop] if stop else (),
     )
+    if stop:
+        stop.trainer = trainer
     metrics = MetricsCallback(trainer, collator)
     if resume:
         metrics.restore(resume)  # the steps logged before the crash stay in metrics.csv
@@ -98,20 +165,35 @@ def train_process(job: Job, resume: Path | None) -> dict:
     log.info("training set-up: %s", info)
 
     # ---- train
-    if resume and 0 < trainer.args.max_steps <= checkpoint_step(resume):
-        # Killed after the last checkpoint, before the adapter was written: nothing is left to
-        # train (Trainer.train would take one step more); the checkpoint is the result.
-        log.info("%s already reached max_steps=%d; loading it", resume.name, trainer.args.max_steps)
+    resumed_step = checkpoint_step(resume) if resume else 0
+    stop_step = halving["target_step"] if halving else trainer.args.max_steps
+    if resume and 0 < stop_step <= resumed_step:
+        # Killed after the last checkpoint, before the outputs were written, or a rung's checkpoint
+        # already there: nothing is left to train (Trainer.train would take one step more).
+        log.info("%s already reached step %d; loading it", resume.name, stop_step)
         load_checkpoint(trainer, resume)
         train_loss = mean_logged_loss(trainer.state.log_history)
     else:
         train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+    if halving and trainer.state.global_step != stop_step:
+        raise StageError(
+            f"halving: {halving['point']} stopped at step {trainer.state.global_step}, not at its rung's "
+            f"target_step {stop_step}"
+        )
     if trainer.args.eval_strategy != "no" and metrics.last_eval_step() != trainer.state.global_step:
         trainer.evaluate()  # validation loss of the final adapter, logged into metrics.csv
     if not trainer.is_world_process_zero():
         return {}
 
     # ---- save
+    if rung_job:
+        eval_loss = eval_loss_at(trainer.state.log_history, stop_step)
+        record = rung_record(job, resumed_step, eval_loss, round(time.time() - t_start, 1))
+        write_json(job.output.record, record)
+        log.info(
+            "rung %d done: step %d, validation loss %.4f", halving["rung"], stop_step, record["eval_loss"]
+        )
+        return record
     model = trainer.accelerator.unwrap_model(trainer.model)
     with atomic_path(job.output.adapter_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
@@ -128,15 +210,49 @@ def train_process(job: Job, resume: Path | None) -> dict:
         "resumed_from": resume.name if resume else None,
         "global_step": trainer.state.global_step,
         "train_loss": train_loss,
-        "final_eval_loss": metrics.final_eval_loss(),
+        "final_eval_loss": eval_loss_at(trainer.state.log_history, trainer.state.global_step),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "wall_time_s": round(time.time() - t_start, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "real_tokens_seen_this_run": collator.real_tokens,
     }
+    if halving:
+        steps = halving["target_step"] - halving["rung_start"]
+        summary["point"] = halving["point"]
+        summary["halving"] = {k: halving[k] for k in ("rung", "slot", "rung_start")}
+        summary["halving"].update(steps=steps, resumed_from_step=resumed_step)
     write_json(job.output.run_info, summary)
     log.info("done: step %d, train loss %.4f", trainer.state.global_step, train_loss)
     return summary
+
+
+def rung_record(job: Job, resumed_step: int, eval_loss: float, wall_time_s: float) -> dict:
+    """What a non-final rung job reports: the point's validation loss at the rung's step, the
+    checkpoint the next rung continues from, and the steps the rung cost."""
+    h, checkpoint_dir = job.params.halving, job.params.checkpoint_dir
+    checkpoint = Path(checkpoint_dir) / f"checkpoint-{h['target_step']}"
+    if not checkpoint_is_complete(checkpoint):
+        raise StageError(f"halving: {checkpoint} was not saved (training.save_strategy must allow saving)")
+    return {
+        **{k: h[k] for k in ("point", "rung", "slot", "target_step", "rung_start")},
+        "steps": h["target_step"] - h["rung_start"],
+        "resumed_from_step": resumed_step,
+        "steps_trained": h["target_step"] - resumed_step,
+        "global_step": h["target_step"],
+        "eval_loss": eval_loss,
+        "checkpoint": str(checkpoint),
+        "checkpoint_dir": checkpoint_dir,
+        "training": job.params.training,
+        "peft": job.params.peft,
+        "wall_time_s": wall_time_s,
+    }
+
+
+def eval_loss_at(log_history: list[dict], step: int) -> float | None:
+    """The validation loss a trainer state logged at ``step`` (None without one)."""
+    return next(
+        (h["eval_loss"] for h in reversed(log_history) if "eval_loss" in h and h["step"] == step), None
+    )
 
 
 def mean_logged_loss(log_history: list[dict]) -> float:

@@ -6,6 +6,7 @@ of the head's FLOPs and the memory of a [tokens x vocab] fp32 tensor. The result
 loss (a test compares it with the model's own loss).
 """
 
+import contextlib
 import copy
 import time
 
@@ -56,6 +57,7 @@ class SnaketuneTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.labels_only_logits = labels_only_logits
         self.eval_seconds = 0.0  # excluded from training tokens/s
+        self.rng_neutral_eval_step = None  # the step of an unscheduled evaluation (halving), if any
 
     def get_eval_dataloader(self, eval_dataset=None):
         # A copy of the collator, so evaluation batches do not count as training tokens.
@@ -68,8 +70,13 @@ class SnaketuneTrainer(SFTTrainer):
 
     def evaluate(self, *args, **kwargs):
         t0 = time.perf_counter()
+        # An evaluation outside the schedule (a halving rung's, train.StopAtStep) leaves torch's CPU
+        # RNG as it found it (its DataLoader draws a seed from it), so it changes nothing in the
+        # training that follows (dropout masks, the next epoch's order); scheduled ones are as always.
+        neutral = self.rng_neutral_eval_step == self.state.global_step
         try:
-            return super().evaluate(*args, **kwargs)
+            with torch.random.fork_rng(devices=[]) if neutral else contextlib.nullcontext():
+                return super().evaluate(*args, **kwargs)
         finally:
             self.eval_seconds += time.perf_counter() - t0
 

@@ -1,0 +1,134 @@
+# Successive halving (sweep.strategy: halving), a static DAG: every point trains to the first rung
+# (train_rung0), `promote` ranks a rung on validation loss and names the points that fill the next
+# rung's slots, each slot continues its point from that point's own checkpoint (train_rung), and the
+# last rung's slots are the finalists: experiments that train_finalist finishes and the usual stages
+# merge and evaluate. How many slots each rung has is fixed by the config, so `snakemake -n` shows
+# every job before anything runs; which point a slot holds is read from the promotion at run time.
+import re
+
+if HALVING:
+    HALVING_POINTS = Registry("sweep point", ((p.name, p) for p in HALVING.points))
+    # Every point of a halving sweep shares the data and base model (experiments.check_halving).
+    HALVING_DATA = HALVING.finalists[0]
+
+    rule train_rung0:
+        input:
+            train=f"{HALVING_DATA.formatted}/train.parquet",
+            validation=f"{HALVING_DATA.formatted}/validation.parquet",
+            model_dir=HALVING_DATA.base_model,
+        output:
+            record="results/{point}/halving/rung-0.json",
+        params:
+            halving=rung_job(rung=0),
+            training=lambda w: HALVING_POINTS[w.point].config["training"],
+            peft=lambda w: HALVING_POINTS[w.point].config["peft"],
+            wandb=config["wandb"],
+            experiment=lambda w: w.point,
+            gpus=config["resources"]["gpu"],
+            checkpoint_dir=lambda w: f"results/{w.point}/checkpoints",
+        log:
+            "results/{point}/logs/train_rung0.log",
+        benchmark:
+            "results/{point}/benchmarks/train_rung0.tsv"
+        wildcard_constraints:
+            point=experiment_name_re(config),
+        threads: config["resources"]["threads"]
+        resources:
+            **resources_for("train", gpu=True),
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/training/train.py"
+
+    rule promote:
+        input:
+            records=lambda w: HALVING.records(int(w.rung)),
+        output:
+            promotion=f"{HALVING.folder}/promotion-{{rung}}.json",
+        params:
+            rung=lambda w: int(w.rung),
+            keep=lambda w: HALVING.slots[int(w.rung) + 1],
+            points=[p.name for p in HALVING.points],
+        log:
+            f"{HALVING.folder}/logs/promote-{{rung}}.log",
+        wildcard_constraints:
+            rung=r"\d+",
+        threads: 1
+        resources:
+            **resources_for("data"),
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/evaluation/halving.py"
+
+    rule train_rung:
+        input:
+            train=rules.train_rung0.input.train,
+            validation=rules.train_rung0.input.validation,
+            model_dir=rules.train_rung0.input.model_dir,
+            promotion=lambda w: HALVING.promotion(int(w.rung) - 1),
+        output:
+            record=f"{HALVING.folder}/rung-{{rung}}/slot-{{slot}}.json",
+        params:
+            halving=rung_job(rung="middle"),
+            # the point's training/peft and checkpoint folder come from its record (the promotion names it)
+            training=None,
+            peft=None,
+            wandb=config["wandb"],
+            experiment=None,
+            gpus=config["resources"]["gpu"],
+            checkpoint_dir=None,
+        log:
+            f"{HALVING.folder}/logs/rung-{{rung}}-slot-{{slot}}.log",
+        benchmark:
+            f"{HALVING.folder}/benchmarks/rung-{{rung}}-slot-{{slot}}.tsv"
+        wildcard_constraints:
+            rung=r"\d+",
+            slot=r"\d+",
+        threads: config["resources"]["threads"]
+        resources:
+            **resources_for("train", gpu=True),
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/training/train.py"
+
+    rule train_finalist:
+        input:
+            train=rules.train_rung0.input.train,
+            validation=rules.train_rung0.input.validation,
+            model_dir=rules.train_rung0.input.model_dir,
+            promotion=HALVING.promotion(HALVING.last - 1),
+        output:
+            adapter_dir=directory(exp_path("model")),
+            metrics=exp_path("training/metrics.csv"),
+            loss_plot=report(
+                exp_path("training/loss.png"),
+                caption="report/loss.rst",
+                category="Training",
+                subcategory="{experiment}",
+            ),
+            run_info=exp_path("training/run.json"),
+        params:
+            halving=rung_job(rung="last"),
+            training=None,
+            peft=None,
+            wandb=config["wandb"],
+            experiment=lambda w: w.experiment,
+            gpus=config["resources"]["gpu"],
+            checkpoint_dir=None,
+        log:
+            log_of("train"),
+        benchmark:
+            bench_of("train")
+        wildcard_constraints:
+            experiment=f"sweeps/{re.escape(HALVING.sweep)}/{experiments.FINALIST_RE}",
+        threads: config["resources"]["threads"]
+        resources:
+            **resources_for("train", gpu=True),
+        conda:
+            ENV
+        script:
+            "../workflow_scripts/training/train.py"
+
+    ruleorder: train_finalist > train
