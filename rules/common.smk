@@ -268,6 +268,7 @@ def rung_job(rung):
             "target_step": HALVING.rungs[r],
             "rung_start": HALVING.rungs[r - 1] if r else 0,
             "final": r == HALVING.last,
+            "rungs": list(HALVING.rungs),  # the checkpoints a point keeps (train.KeepRungCheckpoints)
         }
 
     return get

@@ -43,6 +43,8 @@ if HALVING:
     rule promote:
         input:
             records=lambda w: HALVING.records(int(w.rung)),
+            # past rung 0: the promotion that filled the slots (the records must hold its points)
+            previous=lambda w: [HALVING.promotion(int(w.rung) - 1)] if int(w.rung) > 0 else [],
         output:
             promotion=f"{HALVING.folder}/promotion-{{rung}}.json",
         params:

@@ -4,6 +4,7 @@ function, halving.json's step count, the leaderboard of a halving sweep, the pro
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -135,11 +136,13 @@ def simulate(keep: float = 0.5):
             "experiment": name,
             "point": p,
             "final_eval_loss": loss(p, len(RUNGS) - 1),
+            "global_step": RUNGS[-1],
             "halving": {
                 "rung": len(RUNGS) - 1,
                 "slot": k,
                 "rung_start": RUNGS[-2],
                 "steps": RUNGS[-1] - RUNGS[-2],
+                "resumed_from_step": RUNGS[-2],
             },
         }
         for k, (name, p) in enumerate(zip(plan["finalists"], alive, strict=True))
@@ -164,6 +167,16 @@ def test_summary_counts_the_steps_spent_against_a_grid():
     # 8 points x 4 steps + 4 x (12 - 4) + 2 x (36 - 12) = 32 + 32 + 48; the grid: 8 x 36
     assert (out["steps_spent"], out["grid_steps"]) == (112, 288)
     assert out["fraction_of_grid"] == pytest.approx(112 / 288, abs=1e-4)
+    assert out["steps_trained"] == 112  # a clean run: every job trained its rung's steps
+    # a re-run whose first finalist found its checkpoint at step 36 and a rung-0 job killed after
+    # step 2 of 4 (re-run from checkpoint-2): the jobs trained 24 + 2 steps fewer than the plan
+    rerun_infos = [
+        {**run_infos[0], "halving": {**run_infos[0]["halving"], "resumed_from_step": 36}},
+        run_infos[1],
+    ]
+    rerun_records = [{**records[0], "resumed_from_step": 2, "steps_trained": 2}, *records[1:]]
+    rerun = halving.summary(plan, rerun_records, rerun_infos, promotions)
+    assert (rerun["steps_spent"], rerun["steps_trained"]) == (112, 112 - 24 - 2)
     by_point = {p["point"]: p for p in out["points"]}
     assert [p["point"] for p in out["points"]] == POINTS  # sweep order
     assert by_point[f"{SWEEP}/lr~2"] == {
@@ -330,15 +343,20 @@ def test_leaderboard_stage_writes_halving_json_rung_plot_and_best(tmp_path):
 # --- the promote rule's script -------------------------------------------------------------------
 
 
-def _promote_job(tmp_path, records: list[dict], rung: int = 1, keep: int = 2) -> Job:
+def _promote_job(tmp_path, records: list[dict], rung: int = 1, keep: int = 2, previous=None) -> Job:
+    """The promote job of ``records`` (slot order); ``previous``: the promotion that filled the slots."""
     paths = []
     for k, record in enumerate(records):
         path = tmp_path / f"rung-{rung}" / f"slot-{k}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
         paths.append(str(path))
+    previous_files = []
+    if previous is not None:
+        previous_files = [str(tmp_path / f"promotion-{rung - 1}.json")]
+        Path(previous_files[0]).write_text(json.dumps(previous))
     return Job(
-        input={"records": paths},
+        input={"records": paths, "previous": previous_files},
         output={"promotion": str(tmp_path / f"promotion-{rung}.json")},
         params={"rung": rung, "keep": keep, "points": POINTS},
     )
@@ -396,4 +414,18 @@ def test_promote_script_refuses_inconsistent_records_writing_nothing(tmp_path, r
     job = _promote_job(tmp_path, records, keep=1)
     with pytest.raises(StageError, match=message):
         halving.run(job)
+    assert not (tmp_path / "promotion-1.json").exists()
+
+
+def test_promote_refuses_a_slot_holding_another_point_than_the_promotion_put_there(tmp_path):
+    """A stale slot file (restored, touched) is refused, not ranked: slot k must hold survivor k."""
+    previous = {"rung": 0, "survivors": [{"point": f"{SWEEP}/lr~2"}, {"point": f"{SWEEP}/lr~3"}]}
+    fine = _promote_job(tmp_path, [_record("lr~2", 1.0), _record("lr~3", 1.1)], keep=1, previous=previous)
+    assert [s["point"] for s in halving.run(fine)["survivors"]] == [f"{SWEEP}/lr~2"]
+    swapped = _promote_job(tmp_path, [_record("lr~3", 1.1), _record("lr~2", 1.0)], keep=1, previous=previous)
+    (tmp_path / "promotion-1.json").unlink()
+    with pytest.raises(
+        StageError, match=r"slot-0.json holds sweeps/s/lr~3, but promotion-0 put sweeps/s/lr~2"
+    ):
+        halving.run(swapped)
     assert not (tmp_path / "promotion-1.json").exists()

@@ -13,8 +13,10 @@ import pytest
 import yaml
 from conftest import REPO, SNAKEMAKE, smk, snakemake_env, write_config
 
+from workflow_scripts import chat
 from workflow_scripts.config import ConfigError
 from workflow_scripts.experiments import expand, halving, halving_slots
+from workflow_scripts.training.checkpoints import checkpoint_is_complete
 
 
 def halving_sweep(**halving_keys):
@@ -94,6 +96,11 @@ def test_the_plan_of_a_halving_sweep(resolved_config):
         ),
         ({"points": [{"training.eval_strategy": "no"}]}, "training.eval_strategy: 'no'"),
         ({"points": [{"training.early_stopping_patience": 2}]}, "training.early_stopping_patience"),
+        ({"points": [{"training.eval_strategy": "epoch"}]}, "training.eval_strategy: 'epoch'"),
+        ({"points": [{"training.save_only_model": True}]}, "training.save_only_model: true"),
+        ({"points": [{"training.load_best_model_at_end": True}]}, "training.load_best_model_at_end: true"),
+        ({"points": [{"training.ignore_data_skip": True}]}, "training.ignore_data_skip: true"),
+        ({"points": [{"training.save_strategy": "best"}]}, "training.save_strategy: 'best'"),
         ({"strategy": "grid"}, "sweep.halving: set, but sweep.strategy is grid"),
         (
             {"act_on": "learning_rate~0.003_r~4"},
@@ -194,7 +201,16 @@ def test_halving_sweep_killed_mid_rung_finishes_and_reruns_as_a_no_op(tiny_forma
     wf, tiny = tiny_formatted  # data stages and base model done
     cfg = write_config(wf / "halving.yaml", {**yaml.safe_load(tiny.read_text()), **TINY_HALVING})
     fired = run_until_mid_rung(wf, cfg)
-    killed_point = Path(fired).parent.parent.name
+    assert fired
+    # both rung-1 slots were running: each resumes from checkpoint-4 if the kill left it whole, else
+    # from the rung's start
+    resume_at = {
+        f"{SWEEP.relative_to('results')}/{d.name}": 4
+        if checkpoint_is_complete(d / "checkpoints" / "checkpoint-4")
+        else 2
+        for d in (wf / SWEEP).iterdir()
+        if (d / "checkpoints").is_dir()
+    }
     smk(wf, "--unlock", "--configfile", str(cfg))
     smk(wf, "--configfile", str(cfg))
 
@@ -211,8 +227,11 @@ def test_halving_sweep_killed_mid_rung_finishes_and_reruns_as_a_no_op(tiny_forma
     slots = [json.loads((wf / SWEEP / "halving" / "rung-1" / f"slot-{k}.json").read_text()) for k in (0, 1)]
     assert [s["point"] for s in slots] == [s["point"] for s in promo0["survivors"]]
     assert all(s["global_step"] == 6 and s["steps"] == 4 and s["rung_start"] == 2 for s in slots)
-    killed = next(s for s in slots if s["point"].endswith(killed_point))
-    assert killed["resumed_from_step"] in (2, 4)  # checkpoint-4, unless the kill cut it short
+    for s in slots:
+        assert (s["resumed_from_step"], s["steps_trained"]) == (
+            resume_at[s["point"]],
+            6 - resume_at[s["point"]],
+        )
 
     promo1 = json.loads((wf / SWEEP / "halving" / "promotion-1.json").read_text())
     winner_point = promo1["survivors"][0]["point"]
@@ -220,11 +239,14 @@ def test_halving_sweep_killed_mid_rung_finishes_and_reruns_as_a_no_op(tiny_forma
     assert run_info["point"] == winner_point and run_info["global_step"] == 8
     index = json.loads((wf / SWEEP / "finalist-0" / "experiment.json").read_text())
     assert index["point"] == winner_point
+    assert index["own"]["checkpoints"] == str(SWEEP / winner_point.rsplit("/", 1)[1] / "checkpoints")
     assert index["config"]["training"] == run_info["resolved_config"]["training"]
 
     summary = json.loads((wf / SWEEP / "halving.json").read_text())
     assert summary["steps_spent"] == 4 * 2 + 2 * 4 + 1 * 2
     assert summary["grid_steps"] == 4 * 8
+    # trained by the current jobs: the slots' steps before the kill were trained by the killed ones
+    assert summary["steps_trained"] == 4 * 2 + sum(6 - resume_at[s["point"]] for s in slots) + 2
     reached = {p["point"]: p["rung_reached"] for p in summary["points"]}
     assert sorted(reached.values()) == [0, 0, 1, 2] and reached[winner_point] == 2
 
@@ -234,6 +256,8 @@ def test_halving_sweep_killed_mid_rung_finishes_and_reruns_as_a_no_op(tiny_forma
     assert best["experiment"] == winner_point
     assert best["deployment_model"] == str(SWEEP / "finalist-0" / "deployment_model")
     assert (wf / SWEEP / "rungs.png").read_bytes().startswith(b"\x89PNG")
+    # the chat command on the sweep folder talks to the winner's deployment model
+    assert chat.sweep_model(wf / SWEEP, None)[0] == wf / best["deployment_model"]
 
     again = smk(wf, "--configfile", str(cfg))
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -44,7 +44,9 @@ def formatted(tmp_path, tiny_model_dir, tiny_tokenizer):
     return write_formatted(tmp_path, load_chat_formatter(tiny_model_dir), tiny_tokenizer)
 
 
-def rung_job(point_job: Job, rung: int, start: int, target: int, previous_record: str | None = None) -> Job:
+def rung_job(
+    point_job: Job, rung: int, start: int, target: int, previous_record: str | None = None, rungs=RUNGS
+) -> Job:
     """The Job of rung ``rung`` (steps ``start`` to ``target``) for the point ``point_job`` trains:
     `train_rung0` (its own params), `train_rung` (slot 0 of a promotion naming ``previous_record``),
     or `train_finalist` (the last rung: the outputs of `train`)."""
@@ -57,6 +59,7 @@ def rung_job(point_job: Job, rung: int, start: int, target: int, previous_record
         "target_step": target,
         "rung_start": start,
         "final": final,
+        "rungs": list(rungs),
     }
     inputs, params = dict(point_job.input), {**point_job.params, "halving": halving}
     if rung > 0:
@@ -142,9 +145,28 @@ def test_rung_resumes_at_or_before_its_step(tmp_path, formatted, tiny_model_dir)
     train_stage.run(rung_job(point, 1, 2, 5, rung0.output.record))
     checkpoints = Path(point.params.checkpoint_dir)
     assert {p.name for p in checkpoints.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-5"}
-    record = train_stage.run(rung_job(point, 1, 2, 4, rung0.output.record))  # rungs changed to 2, 4, ...
+    record = train_stage.run(rung_job(point, 1, 2, 4, rung0.output.record, rungs=(2, 4, 8)))  # rungs changed
     assert (record["resumed_from_step"], record["steps_trained"], record["global_step"]) == (2, 2, 4)
     assert {p.name for p in checkpoints.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
+
+
+def test_the_rungs_checkpoints_outlive_the_rotation(tmp_path, formatted, tiny_model_dir):
+    """save_total_limit 1 with a checkpoint every step: the trainer's own rotation would delete each
+    rung's checkpoint as the oldest. A halving point keeps them, so a re-run of an earlier rung (a
+    point added to the sweep re-takes the promotions) trains nothing and deletes nothing."""
+    training = {**TRAINING, "save_steps": 1, "save_total_limit": 1}
+    point = train_job(tmp_path / "point", formatted, tiny_model_dir, training, PEFT)
+    records = []
+    for rung, (start, target) in enumerate(zip((0, *RUNGS), RUNGS, strict=False)):
+        job = rung_job(point, rung, start, target, records[-1] if records else None)
+        train_stage.run(job)
+        records.append(job.output.get("record"))
+    checkpoints = Path(point.params.checkpoint_dir)
+    names = {p.name for p in checkpoints.glob("checkpoint-*")}
+    assert names == {f"checkpoint-{s}" for s in RUNGS}  # the newest (8) and every rung's
+    again = train_stage.run(rung_job(point, 1, RUNGS[0], RUNGS[1], records[0]))
+    assert (again["resumed_from_step"], again["steps_trained"]) == (RUNGS[1], 0)
+    assert {p.name for p in checkpoints.glob("checkpoint-*")} == names
 
 
 def test_rung_jobs_run_in_several_processes(tmp_path, formatted, tiny_model_dir):

@@ -266,7 +266,10 @@ def test_after_a_sweep_the_winner_is_pushed_and_its_card_says_which_point_it_is(
     tmp_path, inputs = experiment
     report = push_to_hub.run(sweep_job(tmp_path, inputs, "best"))
     assert report["acted_on"]["point"] == "sweeps/s/a~1" and report["acted_on"]["is_winner"]
-    assert [f["path_in_repo"] for f in report["files"]][1] == "config.json"  # the winner's model
+    # the winner's folder, whose model files are uploaded (b~2's folder does not even exist)
+    assert report["acted_on"]["results_dir"] == str(tmp_path / "results/default")
+    assert not (tmp_path / "results/other").exists()
+    assert {"config.json", "model.safetensors"} <= {f["path_in_repo"] for f in report["files"]}
     card = (tmp_path / "results/sweeps/s/hub/README.md").read_text()
     assert (
         "## Sweep\n\nThis model is point `a~1` of the sweep `s`: the point the sweep selected on the " in card

@@ -30,6 +30,20 @@ def sweep_folder(root: Path, points: dict[str, str | None], best: str, halving=N
         run_info.write_text(json.dumps({"point": point} if point else {"global_step": 2}))
     sweep.mkdir(parents=True, exist_ok=True)
     (sweep / "best.json").write_text(json.dumps({**BEST, "experiment": best}))
+    finished = [
+        {
+            "experiment": point or f"sweeps/s/{folder}",
+            "results_dir": f"results/sweeps/s/{folder}",
+            "selection_value": 1.0,
+        }
+        for folder, point in points.items()
+    ]
+    pruned = [
+        {"experiment": p["point"], "results_dir": f"results/{p['point']}", "selection_value": None}
+        for p in halving or []
+        if not p.get("finalist")
+    ]
+    (sweep / "leaderboard.json").write_text(json.dumps({"points": finished + pruned}))
     if halving:
         (sweep / "halving.json").write_text(json.dumps({"strategy": "halving", "points": halving}))
     return sweep
@@ -162,6 +176,12 @@ def test_subject_is_the_rules_own_inputs_for_one_run_and_the_chosen_candidates_f
 
 
 def test_chat_on_a_sweep_folder_talks_to_the_winner_or_the_named_point(halved, capsys):
+    # a folder an earlier plan of the sweep left (a grid run under the same name): not a candidate
+    stale = halved / GRID[2].rsplit("/", 1)[1] / "training" / "run.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"global_step": 36}))
+    with pytest.raises(chat.ChatError, match="did not finish: successive halving stopped it at rung 0"):
+        chat.sweep_model(halved, GRID[2].rsplit("/", 1)[1])
     assert chat.sweep_model(halved, None) == (
         halved / "finalist-0" / "deployment_model",
         f"point {GRID[1]} (the winner in best.json)",
@@ -182,11 +202,15 @@ def test_chat_on_a_sweep_folder_talks_to_the_winner_or_the_named_point(halved, c
         (["{sweep}", "--point", "learning_rate~0.01_r~9"], "did you mean 'learning_rate~0.01_r~8'"),
         (["{sweep}/finalist-0", "--point", "x"], "--point: {sweep}/finalist-0 is not a sweep folder"),
         (["{empty}"], "{empty}: no best.json: the sweep has not finished"),
+        (["{sweep}/../unfinished-board"], "no leaderboard.json: the sweep has not finished"),
     ],
 )
 def test_chat_errors_on_a_sweep_are_one_line(halved, capsys, args, message):
     empty = halved.parent / "unfinished"
     empty.mkdir()
+    no_board = halved.parent / "unfinished-board"  # best.json without the leaderboard it comes with
+    no_board.mkdir()
+    (no_board / "best.json").write_text(json.dumps(BEST))
     names = {"sweep": halved, "empty": empty}
     assert chat.main([a.format(**names) for a in args] + ["--prompt", "hi"]) == 1
     err = capsys.readouterr().err

@@ -32,6 +32,7 @@ from workflow_scripts.evaluation.prompt_format import EXPERIMENT_INDEX, PromptFo
 PROG = "snaketune-chat"
 EVALUATION = "evaluation/finetuned_model_evaluation.json"
 BEST = "best.json"  # in results/sweeps/{sweep}/: the sweep's winner (its leaderboard writes it)
+LEADERBOARD = "leaderboard.json"  # beside it: every point, the finished ones with their folders
 DEPLOYMENT_MODEL = "deployment_model"  # in a point's folder
 
 
@@ -49,15 +50,22 @@ def find_experiment(model_path: Path) -> Path | None:
 
 def sweep_model(sweep_dir: Path, point: str | None) -> tuple[Path, str]:
     """(deployment model, what it is) of the sweep point to talk to: best.json's winner, or the
-    finished point ``point`` names. The candidates are the sweep's finished point folders (those
-    with training/run.json: a grid's points, a halving sweep's finalists)."""
+    finished point ``point`` names. The candidates are the finished rows of the sweep's leaderboard
+    (a grid's points, a halving sweep's finalists), never whatever folders lie there: a sweep
+    re-planned under the same name leaves the old plan's folders behind."""
     from workflow_scripts import winner
     from workflow_scripts.stage import StageError
 
+    board = sweep_dir / LEADERBOARD
+    if not board.is_file():
+        raise ChatError(
+            f"{sweep_dir}: no {LEADERBOARD}: the sweep has not finished (its leaderboard writes it)"
+        )
+    workdir = sweep_dir.resolve().parents[2]  # the folder holding results/sweeps/{name}
     candidates = {
-        f"sweeps/{sweep_dir.name}/{d.name}": {"root": str(d)}
-        for d in sorted(sweep_dir.iterdir())
-        if (d / winner.RUN_INFO).is_file()
+        row["results_dir"].removeprefix("results/"): {"root": str(workdir / row["results_dir"])}
+        for row in json.loads(board.read_text())["points"]
+        if row["selection_value"] is not None  # trained to the end (pruned points have none)
     }
     try:
         choice = winner.choose(sweep_dir / BEST, point or "best", candidates, key="--point")

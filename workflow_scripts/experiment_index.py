@@ -17,6 +17,7 @@ def run(job: Job) -> None:
     run_info = json.loads(Path(job.input.run_info).read_text())
     if "point" in run_info:
         index["point"] = run_info["point"]
+        index["own"]["checkpoints"] = run_info["checkpoint_dir"]  # the point's, shared by its rungs
         for section in ("training", "peft"):
             index["config"][section] = run_info["resolved_config"][section]
     write_json(job.output.index, index)

@@ -381,15 +381,26 @@ def halving_point_problems(point: dict) -> list[str]:
     """A resolved point's settings halving cannot work with (a point may set them itself)."""
     training = point["training"]
     problems = []
-    if training["eval_strategy"] == "no":
+    if training["eval_strategy"] != "steps":
         problems.append(
-            "training.eval_strategy: 'no' — halving ranks points on the validation loss at each rung"
+            f"training.eval_strategy: {training['eval_strategy']!r} — halving ranks points on the validation "
+            "loss at each rung's step, and an epoch's evaluation (and save) at a rung's end would change the "
+            "state a promoted point continues from; use 'steps'"
         )
     if training["early_stopping_patience"]:
         problems.append(
             "training.early_stopping_patience: halving stops points early itself; a point stopped before "
             "a rung's step could not be compared there (set it to null)"
         )
+    # TRL keys (set only when the user sets them) that break continuing a point from its rung checkpoint
+    breaks = {
+        "save_only_model": "a rung's checkpoint needs the optimizer and scheduler to continue from",
+        "load_best_model_at_end": "a finalist must be the model at the last step, as a straight run's",
+        "ignore_data_skip": "a continued point would see the first batches of its epoch again",
+    }
+    problems += [f"training.{k}: true — {why}" for k, why in breaks.items() if training.get(k)]
+    if training.get("save_strategy") == "best":
+        problems.append("training.save_strategy: 'best' — every rung must save a checkpoint at its step")
     return problems
 
 

@@ -10,7 +10,7 @@ did not finish (pruned by successive halving) is one error naming the key and th
 at (``halving.json``, next to best.json); a misspelt one gets the close names.
 
 Pure Python (no Snakemake): export_gguf and push_to_hub call `subject` with their job, the chat
-command calls `choose` with the candidates it finds in the sweep folder.
+command calls `choose` with the finished points of the sweep's leaderboard.json.
 """
 
 import difflib

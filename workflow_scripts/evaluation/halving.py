@@ -139,9 +139,9 @@ def summary(
     scores = {p: [None] * len(rungs) for p in points}
     reached = dict.fromkeys(points, -1)
     finalist_of = dict.fromkeys(points)
-    steps_spent = 0
+    steps_spent = steps_trained = 0
     for record in records:
-        for key in ("point", "rung", "eval_loss", "steps"):
+        for key in ("point", "rung", "eval_loss", "steps", "steps_trained"):
             if key not in record:
                 raise StageError(f"halving: a rung record (of point {record.get('point')}) has no {key!r}")
         point, rung = record["point"], record["rung"]
@@ -156,6 +156,7 @@ def summary(
         scores[point][rung] = record["eval_loss"]
         reached[point] = max(reached[point], rung)
         steps_spent += int(record["steps"])
+        steps_trained += int(record["steps_trained"])
     for name, info in zip(finalists, finalist_run_infos, strict=True):
         point = info.get("point")
         if point not in scores:
@@ -172,6 +173,7 @@ def summary(
         reached[point] = last
         finalist_of[point] = name
         steps_spent += int(info["halving"]["steps"])
+        steps_trained += int(info["global_step"]) - int(info["halving"]["resumed_from_step"])
     missing = [p for p in points if reached[p] < 0]
     if missing:
         raise StageError(f"halving: point {missing[0]} has no rung-0 record")
@@ -191,7 +193,11 @@ def summary(
             }
             for p in points
         ],
+        # every point's training up to the rung it reached, once: what the plan cost
         "steps_spent": steps_spent,
+        # what the current jobs computed: less where a job found its checkpoint already trained
+        # (a re-run), more where a rung's checkpoint was gone and steps were trained again
+        "steps_trained": steps_trained,
         "grid_steps": grid_steps,
         "fraction_of_grid": round(steps_spent / grid_steps, 4),
     }
@@ -273,12 +279,34 @@ def _read_record(path: str) -> dict:
     return record
 
 
+def check_slots(records: list[dict], paths: list[str], previous: dict) -> None:
+    """A middle rung's slot k holds the point the previous promotion put there (a stale slot file,
+    restored or touched, is refused rather than ranked)."""
+    survivors = [s["point"] for s in previous["survivors"]]
+    if len(records) != len(survivors):
+        raise StageError(
+            f"promote: {len(records)} slot records for the {len(survivors)} points promotion-"
+            f"{previous['rung']} promoted"
+        )
+    for path, record, point in zip(paths, records, survivors, strict=True):
+        if record["point"] != point:
+            raise StageError(
+                f"promote: {path} holds {record['point']}, but promotion-{previous['rung']} put {point} in "
+                "that slot; re-run the rung's slots"
+            )
+
+
 def run(job: Job) -> dict:
-    """The `promote` rule: rank rung ``params.rung``'s records, keep ``params.keep``."""
+    """The `promote` rule: rank rung ``params.rung``'s records, keep ``params.keep``; past rung 0,
+    the slots must hold the points the previous promotion (input ``previous``) put there."""
     paths = job.input.records
     paths = [paths] if isinstance(paths, str) else list(paths)
     records = [_read_record(p) for p in paths]
     result = promotion(records, paths, int(job.params.rung), job.params.keep, list(job.params.points))
+    previous = job.input.previous
+    previous = [previous] if isinstance(previous, str) else list(previous)
+    if previous:
+        check_slots(records, paths, json.loads(Path(previous[0]).read_text()))
     write_json(job.output.promotion, result)
     cut = result["cut"]
     log.info(

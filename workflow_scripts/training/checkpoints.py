@@ -71,6 +71,24 @@ def discard_checkpoints_after(checkpoint_dir: Path, step: int) -> None:
             shutil.rmtree(path)
 
 
+def rotate_checkpoints(checkpoint_dir: Path, limit: int | None, keep_steps) -> None:
+    """training.save_total_limit as snaketune applies it to a halving point: the newest ``limit``
+    checkpoints stay, and so does every one at a step of ``keep_steps`` (the rungs' ends: a promoted
+    point continues from it, a re-run of its rung finds it and trains nothing), which the trainer's
+    own rotation would delete as the oldest."""
+    if not limit:
+        return
+    found = sorted(
+        (int(m.group(1)), path)
+        for path in checkpoint_dir.glob("checkpoint-*")
+        if (m := CHECKPOINT_RE.match(path.name))
+    )
+    kept = {path for _, path in found[-limit:]} | {path for step, path in found if step in keep_steps}
+    for _, path in found:
+        if path not in kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a checkpoint was saved at."""
     return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]

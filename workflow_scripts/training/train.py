@@ -39,6 +39,7 @@ from workflow_scripts.training.checkpoints import (
     fingerprint,
     load_checkpoint,
     prepare_checkpoint_dir,
+    rotate_checkpoints,
 )
 from workflow_scripts.training.data import Collator, load_examples
 from workflow_scripts.training.tracking import (
@@ -127,6 +128,18 @@ class StopAtStep(TrainerCallback):
         return control
 
 
+class KeepRungCheckpoints(TrainerCallback):
+    """A halving point's checkpoint rotation (checkpoints.rotate_checkpoints) after every save, in
+    place of the trainer's: the rungs' checkpoints are never rotated away."""
+
+    def __init__(self, checkpoint_dir: Path, limit: int | None, rungs: list[int]):
+        self.checkpoint_dir, self.limit, self.rungs = checkpoint_dir, limit, set(rungs)
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            rotate_checkpoints(self.checkpoint_dir, self.limit, self.rungs)
+
+
 def train_process(job: Job, resume: Path | None) -> dict:
     """One training process (of one, or of several under `launch.relaunch`)."""
     t_start = time.time()
@@ -138,21 +151,30 @@ def train_process(job: Job, resume: Path | None) -> dict:
     set_threads(training["fast_path"]["threads"] or job.threads)
     device = torch_device()
     out_dir = Path(job.output.adapter_dir if not rung_job else job.params.checkpoint_dir).parent
-    wandb_on = configure_wandb(wandb_cfg, out_dir / "wandb", job.params.experiment or halving["point"])
+    # a halving point's runs (each rung's, the finalist's) are named after the point
+    wandb_on = configure_wandb(
+        wandb_cfg, out_dir / "wandb", halving["point"] if halving else job.params.experiment
+    )
     # W&B only where the wandb section enables it and training.report_to (a TRL key) names it
     report_to = ["wandb"] if wandb_on and "wandb" in training["report_to"] else ["none"]
     torch.manual_seed(training["seed"])
     stop = StopAtStep(halving["target_step"]) if rung_job else None
+    callbacks = [stop] if stop else []
+    trainer_training = training
+    if halving:  # the rungs' checkpoints stay out of the trainer's rotation (KeepRungCheckpoints)
+        limit = training.get("save_total_limit")
+        callbacks.append(KeepRungCheckpoints(Path(job.params.checkpoint_dir), limit, halving["rungs"]))
+        trainer_training = {**training, "save_total_limit": None}
     trainer, collator, info = build_trainer(
         job.input.train,
         job.input.validation,
         job.input.model_dir,
-        training,
+        trainer_training,
         peft_cfg,
         Path(job.params.checkpoint_dir),
         report_to,
         device,
-        extra_callbacks=[stop] if stop else (),
+        extra_callbacks=callbacks,
     )
     if stop:
         stop.trainer = trainer
@@ -175,6 +197,8 @@ def train_process(job: Job, resume: Path | None) -> dict:
         train_loss = mean_logged_loss(trainer.state.log_history)
     else:
         train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
+        if resume:  # the trainer's mean covers this run's steps only: the whole run's, as a straight run's
+            train_loss = mean_logged_loss(trainer.state.log_history)
     if halving and trainer.state.global_step != stop_step:
         raise StageError(
             f"halving: {halving['point']} stopped at step {trainer.state.global_step}, not at its rung's "
@@ -208,6 +232,7 @@ def train_process(job: Job, resume: Path | None) -> dict:
         "device": device,
         "setup": info,
         "resumed_from": resume.name if resume else None,
+        "checkpoint_dir": str(job.params.checkpoint_dir),  # a halving finalist's: its point's folder
         "global_step": trainer.state.global_step,
         "train_loss": train_loss,
         "final_eval_loss": eval_loss_at(trainer.state.log_history, trainer.state.global_step),
