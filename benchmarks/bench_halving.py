@@ -25,20 +25,9 @@ from pathlib import Path
 
 import yaml
 from machine import cpu_model
+from workdir import REPO, workflow_copy
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "examples" / "sweep-halving.yaml"
-
-
-def workflow_copy(dest: Path) -> Path:
-    dest.mkdir()
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(REPO / name, dest / name)
-    for name in ("rules", "schemas", "envs", "profiles"):
-        shutil.copytree(REPO / name, dest / name)
-    for name in ("workflow_scripts", "data"):
-        (dest / name).symlink_to(REPO / name)
-    return dest
 
 
 def snakemake(wf: Path, cfg: Path, *args: str) -> float:

@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,19 +25,7 @@ from pathlib import Path
 
 import yaml
 from machine import cpu_model
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def workflow_copy(dest: Path) -> Path:
-    dest.mkdir()
-    for name in ("Snakefile", "config.yaml"):
-        shutil.copy(REPO / name, dest / name)
-    for name in ("rules", "schemas", "envs", "profiles"):
-        shutil.copytree(REPO / name, dest / name)
-    for name in ("workflow_scripts", "data"):
-        (dest / name).symlink_to(REPO / name)
-    return dest
+from workdir import workflow_copy
 
 
 def sweep_config(n: int) -> dict:

@@ -120,3 +120,13 @@ def write_parquet(path: str | os.PathLike, rows_or_frame) -> None:
     frame = rows_or_frame if isinstance(rows_or_frame, pd.DataFrame) else pd.DataFrame(rows_or_frame)
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_figure(fig, path: str | os.PathLike) -> None:
+    """A matplotlib figure as a PNG, laid out and written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -14,7 +14,7 @@ import numpy as np
 from workflow_scripts.evaluation import general_compare, markdown
 from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
 from workflow_scripts.evaluation.metrics import PAIRED, UNPAIRED
-from workflow_scripts.files import atomic_path, read_jsonl, write_json
+from workflow_scripts.files import atomic_path, read_jsonl, write_figure, write_json
 from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.compare")
@@ -158,10 +158,7 @@ def plot(report: dict, metrics_png: str, by_type_png: str) -> None:
     ax.set_ylim(0, 1)
     ax.set_title("Base vs fine-tuned")
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(metrics_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_figure(fig, metrics_png)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     types = list(report["accuracy_by_type"])
@@ -176,10 +173,7 @@ def plot(report: dict, metrics_png: str, by_type_png: str) -> None:
         ax.text(0.5, 0.5, "no question types in the test data", ha="center", va="center")
         ax.set_axis_off()
     ax.set_title("Answer accuracy by question type")
-    fig.tight_layout()
-    with atomic_path(by_type_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_figure(fig, by_type_png)
 
 
 def run(job: Job) -> dict:

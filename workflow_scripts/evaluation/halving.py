@@ -17,7 +17,7 @@ import logging
 import math
 from pathlib import Path
 
-from workflow_scripts.files import atomic_path, write_json
+from workflow_scripts.files import write_figure, write_json
 from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.halving")
@@ -263,10 +263,7 @@ def plot(halving: dict, selected: str | None, path: str) -> None:
     )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_figure(fig, path)
 
 
 def _read_record(path: str) -> dict:

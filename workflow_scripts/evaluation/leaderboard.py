@@ -25,7 +25,7 @@ from workflow_scripts.evaluation import general_compare, halving
 from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
 from workflow_scripts.evaluation.compare import paired_delta
 from workflow_scripts.evaluation.metrics import PAIRED, producer
-from workflow_scripts.files import atomic_path, read_jsonl, write_json
+from workflow_scripts.files import atomic_path, read_jsonl, write_figure, write_json
 from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.leaderboard")
@@ -301,10 +301,7 @@ def plot(board: dict, curves: dict[str, list[tuple[int, float]]], metrics_png: s
         ax.invert_yaxis()
         ax.set_title(f"test {name}")
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(metrics_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_figure(fig, metrics_png)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, curve in curves.items():
@@ -322,10 +319,7 @@ def plot(board: dict, curves: dict[str, list[tuple[int, float]]], metrics_png: s
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(curves_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_figure(fig, curves_png)
 
 
 def eval_curve(metrics_csv: str) -> list[tuple[int, float]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from workflow_scripts.files import atomic_path
+from workflow_scripts.files import atomic_path, write_figure
 
 log = logging.getLogger("snaketune.train")
 
@@ -125,10 +125,7 @@ def write_metrics(rows: list[dict], csv_path: str, png_path: str) -> None:
     ax.set_title("Training")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_figure(fig, png_path)
 
 
 # ---------------------------------------------------------------- provenance
