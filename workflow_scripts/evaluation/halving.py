@@ -229,6 +229,7 @@ def plot(halving: dict, selected: str | None, path: str) -> None:
 
     rungs = halving["rungs"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    cut_labels = []  # (step, loss, name) where each pruned point stopped
     for p in halving["points"]:
         xy = [(rungs[i], s) for i, s in enumerate(p["scores"]) if s is not None]
         if not xy:
@@ -237,20 +238,20 @@ def plot(halving: dict, selected: str | None, path: str) -> None:
         short = p["point"].rsplit("/", 1)[-1]
         if p["finalist"] is None:
             ax.plot(x, y, marker="o", ms=3, lw=0.8, color="0.6", alpha=0.8)
-            ax.annotate(
-                short,
-                (x[-1], y[-1]),
-                xytext=(4, 0),
-                textcoords="offset points",
-                fontsize=6,
-                color="0.4",
-                va="center",
-            )
+            cut_labels.append((x[-1], y[-1], short))
         else:
             chosen = p["point"] == selected
             ax.plot(
                 x, y, marker="o", lw=2.8 if chosen else 1.4, label=short + (" (selected)" if chosen else "")
             )
+    # the names of points cut at one rung, stacked so that close losses do not print over each other
+    low, high = ax.get_ylim()
+    gap = 0.035 * (high - low)
+    for step in rungs:
+        placed = None
+        for _, loss, name in sorted(c for c in cut_labels if c[0] == step):
+            placed = loss if placed is None else max(loss, placed + gap)
+            ax.text(step, placed, f"  {name}", fontsize=6, color="0.4", va="center")
     for step in rungs:
         ax.axvline(step, color="0.85", lw=0.8, zorder=0)
     ax.set_xticks(rungs)
