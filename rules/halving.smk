@@ -17,7 +17,7 @@ if HALVING:
             validation=f"{HALVING_DATA.formatted}/validation.parquet",
             model_dir=HALVING_DATA.base_model,
         output:
-            record="results/{point}/halving/rung-0.json",
+            record=HALVING.RUNG0_RECORD,
         params:
             halving=rung_job(rung=0),
             training=lambda w: HALVING_POINTS[w.point].config["training"],
@@ -46,7 +46,7 @@ if HALVING:
             # past rung 0: the promotion that filled the slots (the records must hold its points)
             previous=lambda w: [HALVING.promotion(int(w.rung) - 1)] if int(w.rung) > 0 else [],
         output:
-            promotion=f"{HALVING.folder}/promotion-{{rung}}.json",
+            promotion=HALVING.promotion_file,
         params:
             rung=lambda w: int(w.rung),
             keep=lambda w: HALVING.slots[int(w.rung) + 1],
@@ -70,7 +70,7 @@ if HALVING:
             model_dir=rules.train_rung0.input.model_dir,
             promotion=lambda w: HALVING.promotion(int(w.rung) - 1),
         output:
-            record=f"{HALVING.folder}/rung-{{rung}}/slot-{{slot}}.json",
+            record=HALVING.slot_record,
         params:
             halving=rung_job(rung="middle"),
             # the point's training/peft and checkpoint folder come from its record (the promotion names it)

@@ -286,6 +286,16 @@ def point_names(overrides: list[dict]) -> list[str]:
     return names
 
 
+def sweep_base(config: dict) -> dict:
+    """What every point of a sweep starts from: the config without its `sweep` section; under
+    halving, max_steps is the last rung (check_halving has checked it was -1 or equal)."""
+    base = copy.deepcopy(config)
+    sweep = base.pop("sweep")
+    if sweep["strategy"] == "halving":
+        base["training"]["max_steps"] = sweep["halving"]["rungs"][-1]
+    return base
+
+
 def expand(config: dict) -> list[Experiment]:
     """The experiments of a resolved config: one, or one per sweep point (each validated)."""
     sweep = config.get("sweep")
@@ -297,16 +307,14 @@ def expand(config: dict) -> list[Experiment]:
     if not overrides:
         raise ConfigError("sweep: none of `grid`, `points`, `samples` gives a point")
     names = point_names(overrides)
-    base = copy.deepcopy(config)
-    base.pop("sweep")
     if sweep["strategy"] == "halving":
-        check_halving(sweep, base["training"], overrides)
-        base["training"]["max_steps"] = sweep["halving"]["rungs"][-1]
+        check_halving(sweep, config["training"], overrides)
     elif sweep.get("halving"):
         raise ConfigError(
             "sweep.halving: set, but sweep.strategy is grid (set strategy: halving, or drop it)"
         )
     check_act_on(sweep, names)
+    base = sweep_base(config)
     experiments = []
     for i, (name, values) in enumerate(zip(names, overrides, strict=True)):
         where = f"sweep point {i} ({name})"
@@ -438,17 +446,28 @@ class Halving:
     def last(self) -> int:
         return len(self.rungs) - 1
 
+    # The rules' output patterns; record() and promotion() fill them in.
+    RUNG0_RECORD = "results/{point}/halving/rung-0.json"
+
+    @property
+    def slot_record(self) -> str:
+        return self.folder + "/rung-{rung}/slot-{slot}.json"
+
+    @property
+    def promotion_file(self) -> str:
+        return self.folder + "/promotion-{rung}.json"
+
     def record(self, rung: int, slot: int) -> str:
         """The record of slot ``slot`` of rung ``rung`` < last (at rung 0, a slot is a point)."""
         if rung == 0:
-            return f"results/{self.points[slot].name}/halving/rung-0.json"
-        return f"{self.folder}/rung-{rung}/slot-{slot}.json"
+            return self.RUNG0_RECORD.format(point=self.points[slot].name)
+        return self.slot_record.format(rung=rung, slot=slot)
 
     def records(self, rung: int) -> list[str]:
         return [self.record(rung, k) for k in range(self.slots[rung])]
 
     def promotion(self, rung: int) -> str:
-        return f"{self.folder}/promotion-{rung}.json"
+        return self.promotion_file.format(rung=rung)
 
     def plan(self) -> dict:
         """What the leaderboard and halving.json read of the plan."""
@@ -477,8 +496,6 @@ def halving(config: dict, points: list[Experiment]) -> Halving | None:
             raise ConfigError(f"sweep point {p.name.rsplit('/', 1)[-1]}: {problems[0]}")
     rungs, keep = tuple(sweep["halving"]["rungs"]), sweep["halving"]["keep"]
     slots = tuple(halving_slots(len(points), keep, len(rungs)))
-    base = copy.deepcopy(config)
-    base.pop("sweep")
-    base["training"]["max_steps"] = rungs[-1]
+    base = sweep_base(config)
     finalists = tuple(layout(f"sweeps/{sweep['name']}/finalist-{k}", base) for k in range(slots[-1]))
     return Halving(sweep["name"], rungs, keep, slots, tuple(points), finalists)

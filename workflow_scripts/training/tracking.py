@@ -97,9 +97,6 @@ class MetricsCallback(TrainerCallback):
     def last_eval_step(self) -> int | None:
         return max((r["step"] for r in self.rows if r.get("eval_loss") is not None), default=None)
 
-    def final_eval_loss(self) -> float | None:
-        return next((r["eval_loss"] for r in reversed(self.rows) if r.get("eval_loss") is not None), None)
-
 
 def write_metrics(rows: list[dict], csv_path: str, png_path: str) -> None:
     """metrics.csv (one row per logging step) and the loss plot."""
