@@ -203,11 +203,16 @@ def raw_of(split):
 
 
 def preprocessed_of(split):
-    return lambda w: f"{FORMATTED[w.fmt].preprocessed}/{split}.jsonl"
+    return lambda w: f"{FORMATTED[w.fmt].preprocessed}/{split}.parquet"
 
 
 def formatted_of(split):
     return lambda w: f"{exp(w).formatted}/{split}.parquet"
+
+
+def tokens_of(split):
+    """The memory-mapped token file training reads (workflow_scripts/data/tokens.py)."""
+    return lambda w: f"{exp(w).formatted}/{split}.tokens.arrow"
 
 
 def base_eval_of(name):
