@@ -31,9 +31,9 @@ rule preprocess_dataset:
         validation=raw_of("validation"),
         test=raw_of("test"),
     output:
-        train=f"{SHARED}/preprocessed/{{prep}}/train.jsonl",
-        validation=f"{SHARED}/preprocessed/{{prep}}/validation.jsonl",
-        test=f"{SHARED}/preprocessed/{{prep}}/test.jsonl",
+        train=f"{SHARED}/preprocessed/{{prep}}/train.parquet",
+        validation=f"{SHARED}/preprocessed/{{prep}}/validation.parquet",
+        test=f"{SHARED}/preprocessed/{{prep}}/test.parquet",
         report=f"{SHARED}/preprocessed/{{prep}}/report.json",
     params:
         messages_format=setting("messages_format", PREPROCESSED, "prep"),
@@ -61,6 +61,9 @@ rule format_dataset:
         train=f"{SHARED}/formatted/{{fmt}}/train.parquet",
         validation=f"{SHARED}/formatted/{{fmt}}/validation.parquet",
         test=f"{SHARED}/formatted/{{fmt}}/test.parquet",
+        # what training memory-maps (workflow_scripts/data/tokens.py)
+        train_tokens=f"{SHARED}/formatted/{{fmt}}/train.tokens.arrow",
+        validation_tokens=f"{SHARED}/formatted/{{fmt}}/validation.tokens.arrow",
         stats=f"{SHARED}/formatted/{{fmt}}/stats.json",
     params:
         format=format_params,
@@ -68,7 +71,8 @@ rule format_dataset:
         log_of("format_dataset", "fmt"),
     benchmark:
         bench_of("format_dataset", "fmt")
-    threads: 1
+    # worker processes rendering and tokenizing batches (one each; see format_dataset.py)
+    threads: config["resources"]["threads"]
     resources:
         **resources_for("data"),
     conda:

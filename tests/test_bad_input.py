@@ -14,6 +14,7 @@ from workflow_scripts import checks, trainer_fields
 from workflow_scripts.config import ConfigError, load_schema
 from workflow_scripts.data import sources
 from workflow_scripts.data.download_dataset import load_local
+from workflow_scripts.data.streams import Progress
 from workflow_scripts.experiments import COMPARE_ONLY, expand, point_names  # noqa: F401
 
 TOKEN = "hf_" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2"
@@ -270,14 +271,15 @@ def test_symlinked_split_folders_and_files_are_followed_and_recorded(tmp_path):
     write_jsonl(holdout / "part-0.jsonl", 7, start=50)
     write_jsonl(tmp_path / "elsewhere" / "val.jsonl", 5, start=60)
     ds = tmp_path / "ds"
+    (tmp_path / "scratch").mkdir()
     write_jsonl(ds / "train.jsonl", 30)
     (ds / "test").symlink_to(holdout, target_is_directory=True)
     (ds / "validation.jsonl").symlink_to(tmp_path / "elsewhere" / "val.jsonl")
     (ds / "loop").symlink_to(ds, target_is_directory=True)  # a link back up: followed once
     found, how = sources.local_split_files({"id": str(ds), "data_files": None})
     assert how == "folder" and set(found) == {"train", "validation", "test"}
-    frames, record = load_local({"id": str(ds), "data_files": None})
-    assert len(frames["test"]) == 7 and len(frames["validation"]) == 5
+    spills, record = load_local({"id": str(ds), "data_files": None}, tmp_path / "scratch", Progress("read"))
+    assert spills["test"].rows == 7 and spills["validation"].rows == 5
     (test_file,) = record["files"]["test"]
     assert test_file["resolved"] == os.path.realpath(holdout / "part-0.jsonl")
     assert "resolved" not in record["files"]["train"][0]
@@ -499,18 +501,17 @@ def test_a_zero_ratio_is_fine_for_a_split_that_comes_from_files(resolved_config,
 
 
 def test_load_time_carving_predicts_download_dataset(tmp_path):
-    import pandas as pd
-
-    from workflow_scripts.data.download_dataset import make_splits
+    from workflow_scripts.data.download_dataset import Spill, make_splits
 
     for n in (7, 20, 99):
         ratios = {"train": 0.8, "validation": 0.1, "test": 0.1, "seed": 1}
-        frames = {"train": pd.DataFrame({"a": [str(i) for i in range(n)]})}
+        spill = Spill(tmp_path, f"train{n}")
+        spill.add([{"a": str(i)} for i in range(n)])
         predicted = sources.carve_counts(n, ratios, ["validation", "test"])
         if 0 in predicted.values():
             continue
-        splits, _ = make_splits(frames, {"split": ratios, "max_rows": None})
-        assert {s: len(f) for s, f in splits.items()} == predicted
+        splits, _ = make_splits({"train": spill}, {"split": ratios, "max_rows": None})
+        assert {s: len(rows) for s, (_, rows) in splits.items()} == predicted
 
 
 def test_a_split_given_no_files_is_refused_at_load(resolved_config):

@@ -7,6 +7,7 @@ environment, through a config file and through --config. The load refuses it, na
 token is in no file under results/ or .snakemake/, not on the console, and nothing was rebuilt.
 """
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import smk, tree_digest, write_config
@@ -34,8 +35,9 @@ def built(tiny_workflow):
     config["messages_format"] = {"messages_format": {"system_prompt": "Be brief. Key: none"}}
     write_config(cfg, config)
     smk(wf, "--until", "preprocess_dataset", "--configfile", str(cfg))
-    rows = [p for p in (wf / "results" / "shared" / "preprocessed").rglob("train.jsonl")]
-    assert rows and "Be brief. Key: none" in rows[0].read_text()  # where a leaked prompt would land
+    rows = [p for p in (wf / "results" / "shared" / "preprocessed").rglob("train.parquet")]
+    first = pd.read_parquet(rows[0])["messages"][0] if rows else []
+    assert first[0]["content"] == "Be brief. Key: none"  # where a leaked prompt would land
     return wf, cfg, config
 
 

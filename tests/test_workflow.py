@@ -63,14 +63,14 @@ def test_data_stages_rerun_only_what_a_change_touches(tiny_formatted):
 def test_bad_input_fails_with_a_clear_message_and_no_outputs(tiny_formatted, override, message):
     wf, cfg = tiny_formatted  # the default config's data stages are done; the bad config's are not
     before = {p: p.read_text() for p in (wf / "results").rglob("*.log")}
-    kept = sorted((wf / "results").glob("shared/preprocessed/*/*.jsonl"))
+    kept = sorted((wf / "results").glob("shared/preprocessed/*/*.parquet"))
     assert kept, "the copied run has the default config's preprocessed splits"
     bad = write_config(wf / "bad.yaml", override)
     proc = smk(wf, "--until", "preprocess_dataset", "--configfile", str(cfg), str(bad), check=False)
     assert proc.returncode != 0
     logs = "".join(p.read_text() for p in (wf / "results").rglob("*.log") if before.get(p) != p.read_text())
     assert message in logs + proc.stdout + proc.stderr  # a missing file fails at load, before any log
-    assert sorted((wf / "results").glob("shared/preprocessed/*/*.jsonl")) == kept, "no new outputs"
+    assert sorted((wf / "results").glob("shared/preprocessed/*/*.parquet")) == kept, "no new outputs"
 
 
 @pytest.mark.e2e

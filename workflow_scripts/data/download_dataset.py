@@ -1,19 +1,25 @@
 """Stage 1: fetch the dataset (Hub id or local files) and write train/validation/test parquet.
 
 Set-up: find the files or Hub splits that feed each split (sources.py; an unrecognised file
-name is an error). Work: read every cell as text exactly as written, keep the splits the source
-has, carve only the missing ones from train. Save: one parquet per split and `sources.json`,
-the record of which files fed each split and what was carved with which seed.
+name is an error). Work: read every cell as text exactly as written, batch by batch, into a
+scratch Arrow file per split (on disk, never a whole split in memory); keep the splits the source
+has, carve only the missing ones from the shuffled train rows. Save: one zstd parquet per split,
+written a batch at a time, and `sources.json`, the record of which files fed each split and what
+was carved with which seed.
 """
 
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
 from workflow_scripts.credentials import hf_token
+from workflow_scripts.data import sources
 from workflow_scripts.data.sources import (
     SPLIT_KEYWORDS,
     SPLITS,
@@ -21,10 +27,11 @@ from workflow_scripts.data.sources import (
     carve_counts,
     local_split_files,
     looks_local,
-    read_rows,
+    row_batches,
     rows_as_text,
 )
-from workflow_scripts.files import write_json, write_parquet
+from workflow_scripts.data.streams import ParquetSink, Progress
+from workflow_scripts.files import write_json
 from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.download_dataset")
@@ -42,30 +49,100 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def load_local(cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
+class Spill:
+    """A split's rows as they are read, on disk: Arrow IPC files in a scratch folder (a new file
+    when a batch brings a column not seen before), every cell text or null. Columns keep the
+    order they were first seen in, as a table built from all the rows at once would have."""
+
+    def __init__(self, folder: Path, split: str):
+        self.folder, self.split = folder, split
+        self.columns: list[str] = []
+        self.files: list[Path] = []
+        self.rows = 0
+        self._writer = self._sink = None
+
+    def add(self, rows: list[dict]) -> None:
+        known = set(self.columns)
+        new = [c for c in dict.fromkeys(k for r in rows for k in r) if c not in known]
+        if new or self._writer is None:
+            self._close_file()
+            self.columns += new
+            path = self.folder / f"{self.split}-{len(self.files)}.arrow"
+            self._sink = pa.OSFile(str(path), "wb")
+            schema = pa.schema([(c, pa.string()) for c in self.columns])
+            self._writer = pa.ipc.new_file(self._sink, schema)
+            self.files.append(path)
+        arrays = [pa.array([r.get(c) for r in rows], type=pa.string()) for c in self.columns]
+        self._writer.write_batch(pa.record_batch(arrays, names=self.columns))
+        self.rows += len(rows)
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._sink.close()
+            self._writer = self._sink = None
+
+    def take(self, indices: np.ndarray) -> pa.Table:
+        """Rows at ``indices``, in that order. The files are mapped only for this call, so the
+        pages a call touches leave this process's memory with it (bounded at any size); each
+        record batch is indexed on its own (a take across the whole chunked table would join it)."""
+        self._close_file()
+        batches = []
+        for f in self.files:
+            reader = pa.ipc.open_file(pa.memory_map(str(f)))
+            batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        bounds = np.cumsum([0] + [b.num_rows for b in batches])
+        which = np.searchsorted(bounds, indices, side="right") - 1
+        grouped = np.argsort(which, kind="stable")
+        parts = [
+            pa.Table.from_batches([batches[b].take(pa.array(indices[which == b] - bounds[b]))])
+            for b in np.unique(which)
+        ]
+        table = pa.concat_tables(parts, promote_options="default").select(self.columns).combine_chunks()
+        back = np.empty_like(grouped)
+        back[grouped] = np.arange(len(grouped))
+        return table.take(pa.array(back))
+
+
+def _spill_rows(spill: Spill, batches, progress: Progress) -> int:
+    rows = 0
+    for batch in batches:
+        spill.add(batch)
+        rows += len(batch)
+        progress.update(len(batch))
+    return rows
+
+
+def load_local(cfg: dict, scratch: Path, progress: Progress) -> tuple[dict[str, Spill], dict]:
     files_record: dict[str, list[dict]] = {}
-    frames = {}
+    spills = {}
     try:
         by_split, how = local_split_files(cfg)
         for split, files in by_split.items():
-            rows = []
+            spills[split] = Spill(scratch, split)
             for f in files:
-                file_rows = read_rows(f)
-                rows.extend(file_rows)
-                entry = {"path": f, "sha256": _sha256(f), "rows": len(file_rows)}
+                rows = _spill_rows(spills[split], row_batches(f), progress)
+                entry = {"path": f, "sha256": _sha256(f), "rows": rows}
                 if os.path.realpath(f) != os.path.abspath(f):  # reached through a link
                     entry["resolved"] = os.path.realpath(f)
                 files_record.setdefault(split, []).append(entry)
-            frames[split] = pd.DataFrame(rows, dtype=object)
     except SourceError as exc:
         raise StageError(str(exc)) from None
     log.info(
         "local files per split (%s): %s", how, {s: [e["path"] for e in v] for s, v in files_record.items()}
     )
-    return frames, {"source": "local", "found_by": how, "files": files_record}
+    return spills, {"source": "local", "found_by": how, "files": files_record}
 
 
-def load_hub(cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
+def _hub_batches(split_ds):
+    for columns in split_ds.iter(batch_size=sources.BATCH_ROWS):
+        names = list(columns)
+        yield rows_as_text(
+            [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        )
+
+
+def load_hub(cfg: dict, scratch: Path, progress: Progress) -> tuple[dict[str, Spill], dict]:
     import datasets
 
     dataset_id = cfg["id"]
@@ -107,15 +184,15 @@ def load_hub(cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
                 )
             else:
                 wanted[ours] = theirs
-    frames = {
-        ours: pd.DataFrame(rows_as_text(source[theirs].to_list()), dtype=object)
-        for ours, theirs in wanted.items()
-    }
-    if "train" not in frames:
+    if "train" not in wanted:
         raise StageError(
             f"dataset.id: {dataset_id} has no train split (splits: {sorted(source)}); "
             "map one with dataset.split_names.train"
         )
+    spills = {}
+    for ours, theirs in wanted.items():
+        spills[ours] = Spill(scratch, ours)
+        _spill_rows(spills[ours], _hub_batches(source[theirs]), progress)
     record = {
         "source": "hub",
         "id": dataset_id,
@@ -123,47 +200,67 @@ def load_hub(cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
         "revision": cfg["revision"],
         "splits": wanted,
     }
-    return frames, record
+    return spills, record
 
 
-def make_splits(frames: dict[str, pd.DataFrame], cfg: dict) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Keep the splits the source has; carve only the missing ones out of train."""
+def make_splits(spills: dict[str, Spill], cfg: dict) -> tuple[dict[str, tuple[Spill, np.ndarray]], dict]:
+    """Which rows of which spill each split gets: the splits the source has as they are; the
+    missing ones carved out of the shuffled train split."""
     ratios, seed = cfg["split"], cfg["split"]["seed"]
     # The same permutation as datasets' Dataset.shuffle(seed) (numpy's default generator).
-    order = np.random.default_rng(seed).permutation(len(frames["train"]))
-    train = frames["train"].iloc[order].reset_index(drop=True)
-    named = {s: f for s, f in frames.items() if s != "train"}
+    order = np.random.default_rng(seed).permutation(spills["train"].rows)
+    named = {s: (sp, np.arange(sp.rows)) for s, sp in spills.items() if s != "train"}
     missing = [s for s in ("validation", "test") if s not in named]
-    carved = {}
+    carved, start = {}, 0
     if missing:
         total = ratios["train"] + sum(ratios[s] for s in missing)
-        counts, start = carve_counts(len(train), ratios, missing), 0
+        counts = carve_counts(len(order), ratios, missing)
         for s in missing:
             k = counts[s]
-            named[s] = train.iloc[start : start + k].reset_index(drop=True)
+            named[s] = (spills["train"], order[start : start + k])
             carved[s] = {"rows": k, "share_of_train_pool": round(ratios[s] / total, 6)}
             start += k
-        train = train.iloc[start:].reset_index(drop=True)
         log.info("carved %s out of the train split (seed %d): %s", missing, seed, carved)
-    named["train"] = train
+    named["train"] = (spills["train"], order[start:])
     if cfg["max_rows"]:
-        named = {s: f.iloc[: cfg["max_rows"]] for s, f in named.items()}
+        named = {s: (sp, rows[: cfg["max_rows"]]) for s, (sp, rows) in named.items()}
     for s in SPLITS:
-        if len(named[s]) == 0:
+        if len(named[s][1]) == 0:
             raise StageError(
-                f"dataset.split.{s}: the {s} split is empty (ratios {dict(ratios)}, train rows {len(train)})"
+                f"dataset.split.{s}: the {s} split is empty (ratios {dict(ratios)}, "
+                f"train rows {len(order) - start})"
             )
     return named, {"carved_from_train": carved, "seed": seed, "max_rows": cfg["max_rows"]}
+
+
+def write_split(path: str, spill: Spill, rows: np.ndarray, progress: Progress) -> None:
+    with ParquetSink(path) as sink:
+        for start in range(0, len(rows), sources.BATCH_ROWS):
+            sink.write(spill.take(rows[start : start + sources.BATCH_ROWS]))
+            progress.update(min(sources.BATCH_ROWS, len(rows) - start))
 
 
 def run(job: Job) -> dict[str, int]:
     """Outputs: a parquet file per split and ``sources`` (the provenance record)."""
     cfg = job.params.dataset
-    frames, record = load_local(cfg) if looks_local(cfg["id"]) else load_hub(cfg)
-    splits, carving = make_splits(frames, cfg)
-    counts = {s: len(splits[s]) for s in SPLITS}
-    for s in SPLITS:
-        write_parquet(job.output[s], splits[s])
+    out_dir = Path(job.output.sources).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Scratch beside the outputs, named like an atomic temp of sources.json (written last), so a
+    # killed run's scratch is removed by the next run (files.atomic_path).
+    scratch = Path(tempfile.mkdtemp(prefix=f".{Path(job.output.sources).name}.tmp-", dir=out_dir))
+    try:
+        reading = Progress("download_dataset: read")
+        load = load_local if looks_local(cfg["id"]) else load_hub
+        spills, record = load(cfg, scratch, reading)
+        reading.done()
+        splits, carving = make_splits(spills, cfg)
+        counts = {s: len(splits[s][1]) for s in SPLITS}
+        writing = Progress("download_dataset: write")
+        for s in SPLITS:
+            write_split(job.output[s], *splits[s], writing)
+        writing.done()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     write_json(job.output.sources, {**record, **carving, "rows": counts})
     log.info("rows per split: %s", counts)
     return counts

@@ -343,89 +343,153 @@ def _as_text(value):
     return str(value)
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
+# Rows a data stage reads, transforms and writes at a time: large enough that per-batch overhead
+# (an Arrow conversion, a tokenizer call) is noise, small enough that a batch of long chats stays
+# in a few MB. Read at call time, so tests can shrink it to exercise many batches.
+BATCH_ROWS = 4096
+
+
+def _utf8_error(path: Path, line_no: int, line: bytes, exc: UnicodeDecodeError) -> SourceError:
+    return SourceError(
+        f"dataset file {path}: not UTF-8 (byte 0x{line[exc.start]:02x} on line {line_no}); "
+        "re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`"
+    )
+
+
+def _first_bad_utf8(path: Path) -> SourceError | None:
+    """The error naming the first line of ``path`` that is not UTF-8 (None if all are)."""
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return _utf8_error(path, n, line, exc)
+    return None
+
+
+def _is_json_array(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return (
+            path.suffix.lower() == ".json"
+            and fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()[:1] == b"["
+        )
+
+
+def _checked_row(row, path: Path, at: str) -> dict:
+    if not isinstance(row, dict):
+        raise SourceError(f"dataset file {path}: {at} is a {type(row).__name__}, not an object of columns")
+    return {k: _as_text(v) for k, v in row.items()}
+
+
+_KEEP_NUMBERS = {"parse_float": _Written, "parse_int": _Written}  # numbers exactly as written
+
+
+def _json_batches(path: Path):
+    """Rows of a JSON-lines file (or a JSON array), BATCH_ROWS at a time, cells as written; a
+    broken line is one error naming the file and the line, wherever it is."""
+    if _is_json_array(path):  # one JSON document: parsed whole (use JSON lines for large data)
+        try:
+            rows = json.loads(path.read_bytes().decode("utf-8-sig"), **_KEEP_NUMBERS)
+        except UnicodeDecodeError:
+            raise _first_bad_utf8(path) from None
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"dataset file {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        for start in range(0, len(rows), BATCH_ROWS):
+            yield [
+                _checked_row(r, path, f"item {start + i}")
+                for i, r in enumerate(rows[start : start + BATCH_ROWS])
+            ]
+        return
+    batch = []
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise _utf8_error(path, n, raw, exc) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, **_KEEP_NUMBERS)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"dataset file {path}: line {n} is not valid JSON ({exc.msg})") from None
+            batch.append(_checked_row(row, path, f"line {n}"))
+            if len(batch) >= BATCH_ROWS:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _csv_batches(path: Path):
+    import pandas as pd
+
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise SourceError(
-            f"dataset file {path}: not UTF-8 (byte 0x{data[exc.start]:02x} on line {line}); "
-            "re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out`"
-        ) from None
+        # every cell as text; an empty cell is missing (None), "NA"/"null" stay as written
+        chunks = pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[""],
+            encoding="utf-8-sig",
+            chunksize=BATCH_ROWS,
+        )
+        for frame in chunks:
+            yield [{k: (None if pd.isna(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
+    except UnicodeDecodeError:
+        raise _first_bad_utf8(path) from None
+    except pd.errors.EmptyDataError:
+        raise SourceError(f"dataset file {path}: the file is empty (no rows)") from None
+    except pd.errors.ParserError as exc:
+        raise SourceError(f"dataset file {path}: not a readable CSV ({exc})") from None
+
+
+def _parquet_batches(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
+        for batch in batches:
+            yield [{k: _as_text(v) for k, v in row.items()} for row in batch.to_pylist()]
+    except Exception as exc:
+        raise SourceError(f"dataset file {path}: not a readable parquet file ({exc})") from None
+
+
+READERS = {"json": _json_batches, "csv": _csv_batches, "parquet": _parquet_batches}
+
+
+def row_batches(path: str | Path):
+    """Rows of one local data file, BATCH_ROWS at a time, every value a string (as written) or
+    None. A file with no rows is an error naming it."""
+    path = Path(path)
+    if path.stat().st_size == 0 or (path.suffix.lower() != ".parquet" and not _has_text(path)):
+        raise SourceError(f"dataset file {path}: the file is empty (no rows)")
+    rows = 0
+    for batch in READERS[FORMATS[path.suffix.lower()]](path):
+        rows += len(batch)
+        yield batch
+    if not rows:
+        what = "a header but no rows" if FORMATS[path.suffix.lower()] == "csv" else "no rows"
+        raise SourceError(f"dataset file {path}: {what}")
+
+
+def _has_text(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 16):
+            if block.removeprefix(b"\xef\xbb\xbf").strip():
+                return True
+    return False
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """All rows of one small local data file (lm-eval task data, tests); stages use row_batches."""
+    return [row for batch in row_batches(path) for row in batch]
 
 
 def read_json_rows(path: Path) -> list[dict]:
     """The rows of a JSON-array or JSON-lines file, cells as written; a broken file is one line
-    naming it and the line (also used to check lm-eval task data, general_items.py)."""
-    text = _decode(path)
-    keep = {"parse_float": _Written, "parse_int": _Written}  # numbers exactly as written
-    if not text.strip():
-        raise SourceError(f"dataset file {path}: the file is empty (no rows)")
-    if path.suffix.lower() == ".json" and text.lstrip()[:1] == "[":
-        try:
-            rows = json.loads(text, **keep)
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"dataset file {path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-        where = [f"item {i}" for i in range(len(rows))]
-    else:  # JSON lines (also a .json file holding one object per line)
-        rows, where = [], []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line, **keep))
-                except json.JSONDecodeError as exc:
-                    raise SourceError(
-                        f"dataset file {path}: line {n} is not valid JSON ({exc.msg})"
-                    ) from None
-                where.append(f"line {n}")
-    for row, at in zip(rows, where, strict=True):
-        if not isinstance(row, dict):
-            raise SourceError(
-                f"dataset file {path}: {at} is a {type(row).__name__}, not an object of columns"
-            )
-    if not rows:
-        raise SourceError(f"dataset file {path}: no rows")
-    return [{k: _as_text(v) for k, v in row.items()} for row in rows]
-
-
-def _read_csv(path: Path) -> list[dict]:
-    import io
-
-    import pandas as pd
-
-    text = _decode(path)
-    if not text.strip():
-        raise SourceError(f"dataset file {path}: the file is empty (no rows)")
-    try:
-        # every cell as text; an empty cell is missing (None), "NA"/"null" stay as written
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise SourceError(f"dataset file {path}: not a readable CSV ({exc})") from None
-    if frame.empty:
-        raise SourceError(f"dataset file {path}: a header but no rows")
-    return [{k: (None if pd.isna(v) else v) for k, v in r.items()} for r in frame.to_dict("records")]
-
-
-def _read_parquet(path: Path) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:
-        raise SourceError(f"dataset file {path}: not a readable parquet file ({exc})") from None
-    if not rows:
-        raise SourceError(f"dataset file {path}: no rows")
-    return [{k: _as_text(v) for k, v in row.items()} for row in rows]
-
-
-READERS = {"json": read_json_rows, "csv": _read_csv, "parquet": _read_parquet}
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of one local data file, every value a string (as written) or None."""
-    path = Path(path)
-    return READERS[FORMATS[path.suffix.lower()]](path)
+    naming it and the line (used to check lm-eval task data, general_items.py)."""
+    return read_rows(path)
 
 
 def rows_as_text(records: list[dict]) -> list[dict]:

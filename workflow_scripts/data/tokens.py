@@ -12,6 +12,7 @@ Columns, one row per formatted example in the order of ``{split}.parquet``:
 import os
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA = pa.schema(
     [
@@ -31,14 +32,17 @@ class TokensWriter:
         self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
         self.rows = 0
 
-    def write(self, input_ids: list[list[int]], prompt_lengths: list[int]) -> None:
-        if not input_ids:
+    def write(self, input_ids: list[list[int]] | pa.Array, prompt_lengths: list[int] | pa.Array) -> None:
+        """Append examples: Python lists, or Arrow arrays (taken without a copy to Python)."""
+        if not len(input_ids):
             return
+        if not isinstance(input_ids, pa.Array):
+            input_ids = pa.array(input_ids, type=SCHEMA.field("input_ids").type)
         batch = pa.record_batch(
             [
-                pa.array(input_ids, type=SCHEMA.field("input_ids").type),
-                pa.array(prompt_lengths, type=pa.int32()),
-                pa.array([len(ids) for ids in input_ids], type=pa.int32()),
+                input_ids.cast(SCHEMA.field("input_ids").type),
+                pa.array(prompt_lengths).cast(pa.int32()),
+                pc.list_value_length(input_ids).cast(pa.int32()),
             ],
             schema=SCHEMA,
         )

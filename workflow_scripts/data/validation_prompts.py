@@ -8,36 +8,35 @@ reads from the test split. Only sweeps with `select_by: {metric: ..., split: val
 import json
 import logging
 
-import pandas as pd
-
-from workflow_scripts.files import write_parquet
+from workflow_scripts.data.format_dataset import TEST_SCHEMA
+from workflow_scripts.data.streams import ParquetSink, batches_of
 from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.validation_prompts")
 
 
+def as_prompt(rec: dict) -> dict:
+    messages = json.loads(rec["messages"])
+    return {
+        "messages": json.dumps(messages[:-1], ensure_ascii=False),
+        "prompt_text": rec["prompt_text"],
+        "prompt_length": rec["prompt_length"],
+        "query": "",
+        "reference": messages[-1]["content"],
+        "target": messages[-1]["content"],
+        "meta": rec.get("meta") or "{}",
+    }
+
+
 def run(job: Job) -> int:
     validation_path, output_path = job.input.validation, job.output.prompts
-    frame = pd.read_parquet(validation_path)
-    if frame.empty:
-        raise StageError(f"validation_prompts: {validation_path} has no rows; nothing to select by")
-    rows = []
-    for rec in frame.to_dict("records"):
-        messages = json.loads(rec["messages"])
-        rows.append(
-            {
-                "messages": json.dumps(messages[:-1], ensure_ascii=False),
-                "prompt_text": rec["prompt_text"],
-                "prompt_length": rec["prompt_length"],
-                "query": "",
-                "reference": messages[-1]["content"],
-                "target": messages[-1]["content"],
-                "meta": rec.get("meta") or "{}",
-            }
-        )
-    write_parquet(output_path, rows)
-    log.info("%d validation prompts", len(rows))
-    return len(rows)
+    with ParquetSink(output_path, TEST_SCHEMA) as sink:  # batch by batch, like the test split
+        for records in batches_of(validation_path):
+            sink.write([as_prompt(rec) for rec in records])
+        if not sink.rows:
+            raise StageError(f"validation_prompts: {validation_path} has no rows; nothing to select by")
+    log.info("%d validation prompts", sink.rows)
+    return sink.rows
 
 
 if "snakemake" in globals():
