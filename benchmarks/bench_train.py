@@ -112,6 +112,18 @@ LIGER_SIDES = {
 LIGER_ABLATIONS = {"trl + liger kernels": ("trl", {"use_liger_kernel": True})}
 
 
+def token_subset(tokens: Path, n: int, out: Path) -> Path:
+    """The first ``n`` examples of a token file (format_dataset's), written to ``out``."""
+    from workflow_scripts.data.tokens import TokensWriter, open_tokens
+
+    head = open_tokens(tokens)
+    head = head.select(range(min(n, len(head))))
+    writer = TokensWriter(out)
+    writer.write(head["input_ids"][:], head["prompt_length"][:])
+    writer.close()
+    return out
+
+
 def run_side(
     side: str,
     cfg_path: str,
@@ -153,11 +165,13 @@ def run_side(
     base_dir = base_dir or str(REPO / model_dir(cfg["model"]))
     fmt = Path(fmt_dir) if fmt_dir else REPO / expand(cfg)[0].formatted
     n_examples = steps * training["per_device_train_batch_size"] * training["gradient_accumulation_steps"]
-    frame = pd.read_parquet(fmt / "train.parquet").head(n_examples)
-    subset = Path("/tmp") / f"bench_train_{Path(base_dir).name}_{n_examples}.parquet"
-    frame.to_parquet(subset)
     torch.manual_seed(0)
     if side == "snaketune":
+        subset = token_subset(
+            fmt / "train.tokens.arrow",
+            n_examples,
+            Path("/tmp") / f"bench_train_{Path(base_dir).name}_{n_examples}.tokens.arrow",
+        )
         trainer, collator, info = build_trainer(
             str(subset),
             str(subset),
@@ -178,6 +192,7 @@ def run_side(
 
         from workflow_scripts.trainer_fields import lora_kwargs
 
+        frame = pd.read_parquet(fmt / "train.parquet", columns=["messages"]).head(n_examples)
         rows = []
         for messages in frame["messages"]:
             msgs = json.loads(messages)

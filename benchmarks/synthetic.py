@@ -137,7 +137,8 @@ def random_model_dir(config_file: Path, device: str = "cpu", seed: int = 0) -> P
 
 
 def formatted_sample(cfg: dict, model_dir: Path) -> Path:
-    """train/validation/test parquet of the sample, through the workflow's own data stages."""
+    """train/validation/test parquet of the sample and the token files of train and validation,
+    through the workflow's own data stages."""
     from workflow_scripts.data import download_dataset, format_dataset, preprocess_dataset
     from workflow_scripts.stage import Job
 
@@ -148,7 +149,10 @@ def formatted_sample(cfg: dict, model_dir: Path) -> Path:
         ).encode()
     ).hexdigest()[:8]
     out = CACHE / f"data-{model_dir.name}-{key}"
-    if all((out / "formatted" / f"{s}.parquet").is_file() for s in splits):
+    fmt = {s: str(out / "formatted" / f"{s}.parquet") for s in splits}
+    # what training memory-maps (workflow_scripts/data/tokens.py), as the format_dataset rule names it
+    fmt.update({f"{s}_tokens": str(out / "formatted" / f"{s}.tokens.arrow") for s in ("train", "validation")})
+    if all(Path(f).is_file() for f in fmt.values()):
         return out / "formatted"
     dataset = dict(cfg["dataset"])
     if not Path(dataset["id"]).is_absolute() and (REPO / dataset["id"]).exists():
@@ -165,7 +169,6 @@ def formatted_sample(cfg: dict, model_dir: Path) -> Path:
             params={"messages_format": cfg["messages_format"], "filters": cfg["filters"]},
         )
     )
-    fmt = {s: str(out / "formatted" / f"{s}.parquet") for s in splits}
     training = cfg["training"]
     format_dataset.run(
         Job(

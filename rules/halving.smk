@@ -13,8 +13,9 @@ if HALVING:
 
     rule train_rung0:
         input:
-            train=f"{HALVING_DATA.formatted}/train.parquet",
-            validation=f"{HALVING_DATA.formatted}/validation.parquet",
+            # the memory-mapped token files (workflow_scripts/data/tokens.py)
+            train=f"{HALVING_DATA.formatted}/train.tokens.arrow",
+            validation=f"{HALVING_DATA.formatted}/validation.tokens.arrow",
             model_dir=HALVING_DATA.base_model,
         output:
             record=HALVING.RUNG0_RECORD,

@@ -21,8 +21,9 @@ rule prepare_base_model:
 
 rule train:
     input:
-        train=formatted_of("train"),
-        validation=formatted_of("validation"),
+        # the memory-mapped token files (workflow_scripts/data/tokens.py)
+        train=tokens_of("train"),
+        validation=tokens_of("validation"),
         model_dir=base_model_of,
     output:
         adapter_dir=directory(exp_path("model")),

@@ -125,14 +125,14 @@ def with_defaults(section: str, values: dict | None = None) -> dict:
 
 
 def train_job(out: Path, formatted: dict, model_dir, training: dict, peft: dict):
-    """The train rule's Job, writing under ``out``, its config sections completed with the
-    schema's defaults."""
+    """The train rule's Job (reading ``write_formatted``'s token files), writing under ``out``, its
+    config sections completed with the schema's defaults."""
     from workflow_scripts.stage import Job
 
     return Job(
         input={
-            "train": formatted["train"],
-            "validation": formatted["validation"],
+            "train": formatted["train_tokens"],
+            "validation": formatted["validation_tokens"],
             "model_dir": str(model_dir),
         },
         output={
@@ -253,11 +253,41 @@ def planned_rules(workdir: Path, target: str, *configfiles: Path) -> set[str]:
 
 
 def write_formatted(tmp_path: Path, formatter, tok, n_train: int = 24, n_eval: int = 8) -> dict[str, str]:
-    """Formatted train/validation/test parquet files of sample rows, as format_dataset writes them
-    (``formatter``: a model's ChatFormatter, from load_chat_formatter)."""
+    """Formatted train/validation/test parquet files of sample rows, with the columns format_dataset
+    writes (``formatter``: a model's ChatFormatter, from load_chat_formatter), and the token files
+    of train and validation (``train_tokens``, ``validation_tokens``: the same ids and prompt
+    lengths). Rendered with format_dataset's own ``render_example``; no example is over length."""
     import pandas as pd
 
-    from workflow_scripts.data.format_dataset import format_test_split, format_train_split
+    from workflow_scripts.data.formatting import render_example
+    from workflow_scripts.data.tokens import SUFFIX, TokensWriter
+
+    def ids_of(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]  # the template writes any BOS
+
+    def train_row(messages: list[dict]) -> dict:
+        prompt, completion = render_example(formatter, messages)
+        prompt_ids = ids_of(prompt)
+        return {
+            "messages": json.dumps(messages, ensure_ascii=False),
+            "prompt_text": prompt,
+            "completion_text": completion,
+            "input_ids": prompt_ids + ids_of(completion),
+            "prompt_length": len(prompt_ids),
+            "meta": "{}",
+        }
+
+    def test_row(messages: list[dict], reference: str) -> dict:
+        prompt = formatter.render(messages, add_generation_prompt=True)
+        return {
+            "messages": json.dumps(messages, ensure_ascii=False),
+            "prompt_text": prompt,
+            "prompt_length": len(ids_of(prompt)),
+            "query": "",
+            "reference": reference,
+            "target": "",
+            "meta": "{}",
+        }
 
     rows = sample_rows(n_train + n_eval)
     convs = [
@@ -268,14 +298,22 @@ def write_formatted(tmp_path: Path, formatter, tok, n_train: int = 24, n_eval: i
         ]
         for r in rows
     ]
-    train, _ = format_train_split([{"messages": c} for c in convs[:n_train]], formatter, tok, 4096, "drop")
-    val, _ = format_train_split([{"messages": c} for c in convs[n_train:]], formatter, tok, 4096, "drop")
-    test_rows = [{"messages": c[:2], "reference": r["Response"]} for c, r in zip(convs, rows, strict=True)]
-    test, _ = format_test_split(test_rows[n_train:], formatter, tok)
+    data = {
+        "train": [train_row(c) for c in convs[:n_train]],
+        "validation": [train_row(c) for c in convs[n_train:]],
+        "test": [
+            test_row(c[:2], r["Response"]) for c, r in zip(convs[n_train:], rows[n_train:], strict=True)
+        ],
+    }
     paths = {}
-    for split, data in (("train", train), ("validation", val), ("test", test)):
+    for split, split_rows in data.items():
         paths[split] = str(tmp_path / f"{split}.parquet")
-        pd.DataFrame(data).to_parquet(paths[split])
+        pd.DataFrame(split_rows).to_parquet(paths[split])
+        if split != "test":
+            paths[f"{split}_tokens"] = str(tmp_path / f"{split}{SUFFIX}")
+            writer = TokensWriter(paths[f"{split}_tokens"])
+            writer.write([r["input_ids"] for r in split_rows], [r["prompt_length"] for r in split_rows])
+            writer.close()
     return paths
 
 
@@ -336,3 +374,14 @@ def save_lively_model(path: Path, tok) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def preprocessed_rows(path) -> list[dict]:
+    """A preprocessed split (parquet) as rows: messages as dicts, meta as the dict it encodes."""
+    import pandas as pd
+
+    rows = pd.read_parquet(path).to_dict("records")
+    for row in rows:
+        row["messages"] = [dict(m) for m in row["messages"]]
+        row["meta"] = json.loads(row["meta"])
+    return rows

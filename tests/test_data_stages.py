@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import with_defaults
+from conftest import preprocessed_rows, with_defaults
 
 from workflow_scripts.data import download_dataset, format_dataset, preprocess_dataset
 from workflow_scripts.stage import Job, StageError
@@ -96,12 +96,12 @@ def mf_default(resolved_config):
 
 def test_preprocess_builds_messages_and_test_references(raw_splits, tmp_path, resolved_config):
     mf, filters = mf_default(resolved_config)
-    out = outputs(tmp_path, "pre", "jsonl")
+    out = outputs(tmp_path, "pre")
     report = preprocess(raw_splits, out, str(tmp_path / "report.json"), mf, filters)
-    train = [json.loads(x) for x in open(out["train"])]
+    train = preprocessed_rows(out["train"])
     assert [m["role"] for m in train[0]["messages"]] == ["system", "user", "assistant"]
     assert train[0]["messages"][2]["content"].startswith("<think>\n")
-    test = [json.loads(x) for x in open(out["test"])]
+    test = preprocessed_rows(out["test"])
     assert [m["role"] for m in test[0]["messages"]] == ["system", "user"]
     assert test[0]["reference"].startswith("The answer is")
     assert test[0]["meta"]["question_type"]
@@ -122,7 +122,7 @@ def test_preprocess_counts_each_filter_reason(raw_splits, tmp_path, resolved_con
         "deduplicate_prompts": True,
     }
     filters["answer_regex"] = r"\d"
-    report = preprocess(raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters)
+    report = preprocess(raw_splits, outputs(tmp_path, "pre"), str(tmp_path / "r.json"), mf, filters)
     assert report["train"]["dropped"] == {"answer_regex": 1, "duplicate_prompt": 1, "empty:cot": 1}
     assert report["train"]["rows_kept"] == 93
 
@@ -135,7 +135,7 @@ def test_preprocess_all_filtered_is_an_error_and_writes_nothing(raw_splits, tmp_
         "max_chars": {},
         "deduplicate_prompts": True,
     }
-    out = outputs(tmp_path, "pre", "jsonl")
+    out = outputs(tmp_path, "pre")
     with pytest.raises(StageError, match="every row of the train split was filtered out.*too_short:question"):
         preprocess(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
     assert not (tmp_path / "pre").exists() and not (tmp_path / "r.json").exists()
@@ -145,7 +145,7 @@ def test_preprocess_missing_column_lists_the_columns(raw_splits, tmp_path, resol
     mf, filters = mf_default(resolved_config)
     mf["training_columns"]["cot"] = "Reasoning"
     with pytest.raises(StageError) as err:
-        preprocess(raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters)
+        preprocess(raw_splits, outputs(tmp_path, "pre"), str(tmp_path / "r.json"), mf, filters)
     msg = str(err.value)
     assert "messages_format.training_columns.cot" in msg and "'Reasoning'" in msg and "Complex_CoT" in msg
     assert not (tmp_path / "pre").exists()
@@ -155,7 +155,7 @@ def test_preprocess_unknown_placeholder_is_named(raw_splits, tmp_path, resolved_
     mf, filters = mf_default(resolved_config)
     mf["messages_format"]["messages"][2]["content"] = "{reasoning} {response}"
     with pytest.raises(StageError, match=r"unknown placeholder \{reasoning\}; defined names: cot, question"):
-        preprocess(raw_splits, outputs(tmp_path, "pre", "jsonl"), str(tmp_path / "r.json"), mf, filters)
+        preprocess(raw_splits, outputs(tmp_path, "pre"), str(tmp_path / "r.json"), mf, filters)
 
 
 def test_preprocess_keeps_braces_in_data_literal(raw_splits, tmp_path, resolved_config):
@@ -164,16 +164,16 @@ def test_preprocess_keeps_braces_in_data_literal(raw_splits, tmp_path, resolved_
     frame.loc[0, "Complex_CoT"] = 'JSON {"a": 1} and LaTeX \\frac{1}{2} and {cot}'
     frame.to_parquet(raw_splits["train"])
     mf["messages_format"]["messages"][2]["content"] = "{{literal}} {cot}"
-    out = outputs(tmp_path, "pre", "jsonl")
+    out = outputs(tmp_path, "pre")
     preprocess(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
-    first = json.loads(open(out["train"]).readline())
+    first = preprocessed_rows(out["train"])[0]
     assert first["messages"][2]["content"] == '{literal} JSON {"a": 1} and LaTeX \\frac{1}{2} and {cot}'
 
 
 @pytest.fixture
 def preprocessed(raw_splits, tmp_path, resolved_config):
     mf, filters = mf_default(resolved_config)
-    out = outputs(tmp_path, "pre", "jsonl")
+    out = outputs(tmp_path, "pre")
     preprocess(raw_splits, out, str(tmp_path / "r.json"), mf, filters)
     return out
 

@@ -144,14 +144,17 @@ def test_gemma3n_chat_template_goes_through_the_processor(gemma3n_dir):
 
 
 def test_gemma3n_labels_only_loss_applies_softcapping(gemma3n_dir, tmp_path):
+    from workflow_scripts.data.tokens import open_tokens
     from workflow_scripts.models.loading import load_model, load_tokenizer
-    from workflow_scripts.training.data import Collator, load_examples
+    from workflow_scripts.training.data import Collator
     from workflow_scripts.training.trainer import labels_only_loss
 
     splits = formatted_splits(tmp_path, gemma3n_dir)
     model = load_model(gemma3n_dir)
     assert model.config.get_text_config().final_logit_softcapping
-    batch = Collator(load_tokenizer(gemma3n_dir).pad_token_id)(load_examples(splits["train"])[:3])
+    batch = Collator(load_tokenizer(gemma3n_dir).pad_token_id)(
+        list(open_tokens(splits["train_tokens"]).select(range(3)))
+    )
     loss, _ = labels_only_loss(model, dict(batch))
     full = model(**batch, use_cache=False).loss
     assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-4)

@@ -14,11 +14,12 @@ import torch
 from conftest import REPO, build_tiny_llama, merge_job, write_formatted
 from conftest import train_job as make_train_job
 
+from workflow_scripts.data.tokens import TokensWriter, open_tokens
 from workflow_scripts.models.loading import load_chat_formatter
 from workflow_scripts.stage import Job, StageError
 from workflow_scripts.training import train as train_stage
 from workflow_scripts.training.checkpoints import find_resume_checkpoint, prepare_checkpoint_dir
-from workflow_scripts.training.data import IGNORE, Collator, load_examples, pack_rows
+from workflow_scripts.training.data import IGNORE, Collator, pack_rows
 from workflow_scripts.training.trainer import labels_only_loss
 
 
@@ -27,10 +28,24 @@ def formatted(tmp_path, tiny_model_dir, tiny_tokenizer):
     return write_formatted(tmp_path, load_chat_formatter(tiny_model_dir), tiny_tokenizer)
 
 
+def examples_of(path: str, n: int | None = None) -> list[dict]:
+    """The first ``n`` rows of a token file, as the trainer hands them to the collator."""
+    ds = open_tokens(path)
+    return list(ds.select(range(n)) if n is not None else ds)
+
+
+def old_labels(ex: dict) -> list[int]:
+    """The labels before the collator made them: -100 over the prompt (load_examples), then the
+    first token of the example -100 (the collator)."""
+    ids, p = list(ex["input_ids"]), int(ex["prompt_length"])
+    labels = [IGNORE] * p + ids[p:]
+    return [IGNORE] + labels[1:]
+
+
 def test_labels_cover_assistant_tokens_only(formatted, tiny_tokenizer):
     frame = pd.read_parquet(formatted["train"])
-    examples = load_examples(formatted["train"])
-    batch = Collator(tiny_tokenizer.pad_token_id, pack=False)(examples[:4])
+    examples = examples_of(formatted["train_tokens"], 4)
+    batch = Collator(tiny_tokenizer.pad_token_id, pack=False)(examples)
     for r in range(4):
         n_prompt = int(frame["prompt_length"].iloc[r])
         ids = list(frame["input_ids"].iloc[r])
@@ -44,7 +59,7 @@ def test_labels_cover_assistant_tokens_only(formatted, tiny_tokenizer):
 
 
 def test_packed_rows_restart_positions_and_mask_example_starts(formatted, tiny_tokenizer):
-    examples = load_examples(formatted["train"])[:6]
+    examples = examples_of(formatted["train_tokens"], 6)
     lengths = [len(e["input_ids"]) for e in examples]
     capacity = max(lengths) * 2
     batch = Collator(tiny_tokenizer.pad_token_id, pack=True, max_length=capacity)(examples)
@@ -55,8 +70,43 @@ def test_packed_rows_restart_positions_and_mask_example_starts(formatted, tiny_t
             assert batch["labels"][row, s] == IGNORE
     assert sum(len(r) for r in pack_rows(lengths, capacity)) == len(examples)
     assert batch["labels"].ne(IGNORE).sum() == sum(
-        sum(1 for x in e["labels"][1:] if x != IGNORE) for e in examples
+        sum(1 for x in old_labels(e) if x != IGNORE) for e in examples
     )
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_collator_labels_follow_the_old_rule(formatted, tiny_tokenizer, tmp_path, pack):
+    """The collator's labels on token-file rows are the old ones: -100 over the prompt, the ids
+    after it, the first token -100 (edge cases too: no prompt, a prompt that is everything)."""
+    edge = tmp_path / "edge.tokens.arrow"
+    writer = TokensWriter(edge)
+    writer.write([[5, 6, 7], [8, 9], [10]], [0, 2, 1])
+    writer.close()
+    examples = examples_of(formatted["train_tokens"]) + examples_of(str(edge))
+    assert {"input_ids", "prompt_length", "length"} <= set(examples[0])
+    lengths = [len(e["input_ids"]) for e in examples]
+    collator = Collator(tiny_tokenizer.pad_token_id, pack=pack, max_length=max(lengths) * 2 if pack else None)
+    batch = collator(examples)
+    groups = pack_rows(lengths, max(lengths) * 2) if pack else [[i] for i in range(len(examples))]
+    assert batch["labels"].shape[0] == len(groups)
+    for r, group in enumerate(groups):
+        ids = [t for i in group for t in examples[i]["input_ids"]]
+        labels = [x for i in group for x in old_labels(examples[i])]
+        assert batch["input_ids"][r, : len(ids)].tolist() == ids
+        assert batch["labels"][r, : len(ids)].tolist() == labels
+        assert (batch["labels"][r, len(ids) :] == IGNORE).all()
+    assert collator.real_tokens == sum(lengths)
+
+
+def test_open_tokens_memory_maps_the_file(formatted):
+    from datasets.table import MemoryMappedTable
+
+    ds = open_tokens(formatted["train_tokens"])
+    assert isinstance(ds.data, MemoryMappedTable), "the token file must be memory-mapped, not read in"
+    assert [f["filename"] for f in ds.cache_files] == [formatted["train_tokens"]]
+    frame = pd.read_parquet(formatted["train"], columns=["input_ids", "prompt_length"])
+    assert ds["length"][:] == [len(ids) for ids in frame["input_ids"]]
+    assert ds["prompt_length"][:] == frame["prompt_length"].tolist()
 
 
 def per_example_losses(model, batch) -> list[float]:
@@ -80,7 +130,7 @@ def per_example_losses(model, batch) -> list[float]:
 def test_packing_isolates_examples(formatted, tiny_tokenizer):
     """Packed and unpacked per-example losses match: attention never crosses examples."""
     model = build_tiny_llama(len(tiny_tokenizer)).eval()
-    examples = load_examples(formatted["train"])[:6]
+    examples = examples_of(formatted["train_tokens"], 6)
     cap = max(len(e["input_ids"]) for e in examples) * 3
     packed = Collator(tiny_tokenizer.pad_token_id, pack=True, max_length=cap)(examples)
     assert (packed["position_ids"] == 0).sum(1).max() > 1, "the test must pack several examples into a row"
@@ -91,7 +141,7 @@ def test_packing_isolates_examples(formatted, tiny_tokenizer):
 
 def test_labels_only_loss_equals_full_logits_loss(formatted, tiny_tokenizer):
     model = build_tiny_llama(len(tiny_tokenizer))
-    batch = Collator(tiny_tokenizer.pad_token_id)(load_examples(formatted["train"])[:4])
+    batch = Collator(tiny_tokenizer.pad_token_id)(examples_of(formatted["train_tokens"], 4))
     loss, stats = labels_only_loss(model, dict(batch))
     full = model(**batch, use_cache=False).loss
     assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-5)

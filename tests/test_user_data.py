@@ -6,7 +6,7 @@ import os
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_run, new_workflow, planned_rules, sample_rows, smk, write_config
+from conftest import copy_run, new_workflow, planned_rules, preprocessed_rows, sample_rows, smk, write_config
 
 from workflow_scripts.config import ConfigError, coerce_cli_strings
 from workflow_scripts.data import download_dataset
@@ -172,7 +172,7 @@ def test_an_integer_column_with_a_null_stays_integer_text_through_preprocess(tmp
     write_jsonl(tmp_path / "qa.jsonl", rows)
     download(dataset_cfg(tmp_path / "qa.jsonl"), raw_outputs(tmp_path))
     cfg = resolved_config(QA_CONFIG)
-    out = {s: str(tmp_path / "pre" / f"{s}.jsonl") for s in SPLITS}
+    out = {s: str(tmp_path / "pre" / f"{s}.parquet") for s in SPLITS}
     raw = {s: str(tmp_path / "raw" / f"{s}.parquet") for s in SPLITS}
     job = Job(
         input=raw,
@@ -180,8 +180,8 @@ def test_an_integer_column_with_a_null_stays_integer_text_through_preprocess(tmp
         params={"messages_format": cfg["messages_format"], "filters": cfg["filters"]},
     )
     preprocess_dataset.run(job)
-    targets = [json.loads(x)["messages"][-1]["content"] for x in open(out["train"])]
-    references = [json.loads(x)["reference"] for x in open(out["test"])]
+    targets = [r["messages"][-1]["content"] for r in preprocessed_rows(out["train"])]
+    references = [r["reference"] for r in preprocessed_rows(out["test"])]
     assert all("." not in t for t in targets + references), (targets, references)
 
 
@@ -325,7 +325,7 @@ def test_qa_dataset_runs_through_configfile_to_the_end(qa_run):
     index = json.loads((res / "experiment.json").read_text())
     record = json.loads((wf / index["shared"]["dataset"] / "sources.json").read_text())
     assert record["rows"] == {"train": 90, "validation": 10, "test": 20}
-    first = json.loads((wf / index["shared"]["preprocessed"] / "train.jsonl").read_text().splitlines()[0])
+    first = preprocessed_rows(wf / index["shared"]["preprocessed"] / "train.parquet")[0]
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
     assert json.loads((res / "evaluation" / "comparison.json").read_text())
     assert planned_rules(wf, "all", cfg) == set()

@@ -54,6 +54,7 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
     The temporary path ``.<name>.tmp-<random>`` gets the permissions a normal create would (the
     umask applies); stale ones from a killed earlier run are removed first."""
     target = Path(target)
+    created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(target)
     prefix = f".{target.name}{_TMP_MARK}"
@@ -77,6 +78,9 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        for folder in created:  # the folders made for it, if nothing else landed in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if _is_disk_full(exc):
             free = shutil.disk_usage(target.parent).free / 2**20
             raise StageError(

@@ -2,6 +2,7 @@
 and the error a stage raises for bad input (`StageError`)."""
 
 import logging
+import multiprocessing
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ class Job:
 def snakemake_main(smk, run_stage) -> None:
     """Entry for a `script:` rule: log to the rule's log, run ``run_stage(Job)`` with the rule's
     named input/output/params, turn StageError into a clean exit."""
+    if multiprocessing.parent_process() is not None:  # a stage's worker process, never the stage again
+        return
     setup_logging(smk.log[0] if smk.log else None)
     try:
         run_stage(Job.from_snakemake(smk))

@@ -68,7 +68,11 @@ def peak_gpu_memory(record_property):
 
 def train_job(out: Path, splits: dict, model_dir: Path, training: dict = TRAINING) -> Job:
     return Job(
-        input={"train": splits["train"], "validation": splits["validation"], "model_dir": str(model_dir)},
+        input={
+            "train": splits["train_tokens"],
+            "validation": splits["validation_tokens"],
+            "model_dir": str(model_dir),
+        },
         output={
             "adapter_dir": str(out / "model"),
             "metrics": str(out / "training" / "metrics.csv"),

@@ -98,7 +98,11 @@ class Spill:
             pa.Table.from_batches([batches[b].take(pa.array(indices[which == b] - bounds[b]))])
             for b in np.unique(which)
         ]
-        table = pa.concat_tables(parts, promote_options="default").select(self.columns).combine_chunks()
+        table = pa.concat_tables(parts, promote_options="default")
+        for column in self.columns:  # a column first seen in a later batch: null in these rows
+            if column not in table.column_names:
+                table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
+        table = table.select(self.columns).combine_chunks()
         back = np.empty_like(grouped)
         back[grouped] = np.arange(len(grouped))
         return table.take(pa.array(back))
@@ -244,6 +248,7 @@ def run(job: Job) -> dict[str, int]:
     """Outputs: a parquet file per split and ``sources`` (the provenance record)."""
     cfg = job.params.dataset
     out_dir = Path(job.output.sources).parent
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Scratch beside the outputs, named like an atomic temp of sources.json (written last), so a
     # killed run's scratch is removed by the next run (files.atomic_path).
@@ -259,8 +264,12 @@ def run(job: Job) -> dict[str, int]:
         for s in SPLITS:
             write_split(job.output[s], *splits[s], writing)
         writing.done()
-    finally:
+    except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):  # leave no trace of a failed first run
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
     write_json(job.output.sources, {**record, **carving, "rows": counts})
     log.info("rows per split: %s", counts)
     return counts

@@ -5,6 +5,7 @@ structs, `meta` as a JSON object) a batch at a time. Duplicate prompts are found
 digests of the normalised prompt (16 bytes a train row), train first, so validation and test
 rows that repeat a training prompt are dropped (``duplicate_of_train``)."""
 
+import contextlib
 import json
 import logging
 import math
@@ -175,18 +176,21 @@ def run(job: Job) -> dict:
     for s in SPLITS:  # every check before any output is written
         check_columns(pq.ParquetFile(job.input[s]).schema_arrow.names, s, mf)
     report, train_prompts = {}, None
-    for s in SPLITS:  # train first: validation and test are checked against its prompts
-        step = Preprocessor(s, mf, filters, train_prompts)
-        progress = Progress(f"preprocess_dataset: {s}")
-        with ParquetSink(job.output[s], SCHEMAS[s]) as sink:
+    with contextlib.ExitStack() as outputs:  # every split kept, or none (an error in test keeps no train)
+        for s in SPLITS:  # train first: validation and test are checked against its prompts
+            step = Preprocessor(s, mf, filters, train_prompts)
+            progress = Progress(f"preprocess_dataset: {s}")
+            sink = outputs.enter_context(ParquetSink(job.output[s], SCHEMAS[s]))
             for records in batches_of(job.input[s]):
                 sink.write(step.batch(records))
                 progress.update(len(records))
-            report[s] = step.report()  # raises before the file is kept if nothing survived
-        progress.done()
-        if s == "train":
-            train_prompts = step.seen
-        log.info("%s: kept %d of %d rows, dropped %s", s, step.rows_kept, step.rows_in, report[s]["dropped"])
+            report[s] = step.report()
+            progress.done()
+            if s == "train":
+                train_prompts = step.seen
+            log.info(
+                "%s: kept %d of %d rows, dropped %s", s, step.rows_kept, step.rows_in, report[s]["dropped"]
+            )
     write_json(job.output.report, report)
     return report
 

@@ -71,9 +71,9 @@ class ParquetSink:
         return self._stack.__exit__(*exc)
 
 
-def batches_of(path, columns: list[str] | None = None):
-    """Rows of a parquet file as lists of dicts, `sources.BATCH_ROWS` at a time."""
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=sources.BATCH_ROWS, columns=columns):
+def batches_of(path, columns: list[str] | None = None, rows: int | None = None):
+    """Rows of a parquet file as lists of dicts, ``rows`` (default `sources.BATCH_ROWS`) at a time."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=rows or sources.BATCH_ROWS, columns=columns):
         yield batch.to_pylist()
 
 

@@ -8,7 +8,7 @@ reads from the test split. Only sweeps with `select_by: {metric: ..., split: val
 import json
 import logging
 
-from workflow_scripts.data.format_dataset import TEST_SCHEMA
+from workflow_scripts.data.formatting import TEST_SCHEMA
 from workflow_scripts.data.streams import ParquetSink, batches_of
 from workflow_scripts.stage import Job, StageError, snakemake_main
 

@@ -33,17 +33,35 @@ from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 log = logging.getLogger("snaketune.evaluate")
 
 
+PROMPT_COLUMNS = ("prompt_text", "reference")  # required
+OPTIONAL_COLUMNS = ("meta",)
+
+
 def load_prompts(path: str, max_examples: int | None) -> pd.DataFrame:
-    """The formatted prompts to answer (the test split, or the validation prompts of a sweep)."""
-    frame = pd.read_parquet(path)
-    for column in ("prompt_text", "reference"):
-        if column not in frame.columns:
+    """The formatted prompts to answer (the test split, or the validation prompts of a sweep): the
+    columns evaluation reads, read in record batches and no further than ``max_examples`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(path)
+    names = source.schema_arrow.names
+    for column in PROMPT_COLUMNS:
+        if column not in names:
             raise StageError(
                 f"evaluation: the prompts file {path} has no {column!r} column (re-run format_dataset)"
             )
-    if frame.empty:
+    columns = [c for c in (*PROMPT_COLUMNS, *OPTIONAL_COLUMNS) if c in names]
+    batches, rows = [], 0
+    batch_size = min(max_examples, 1024) if max_examples else 1024
+    for batch in source.iter_batches(batch_size=batch_size, columns=columns):
+        batches.append(batch)
+        rows += batch.num_rows
+        if max_examples and rows >= max_examples:
+            break
+    if rows == 0:
         raise StageError(f"evaluation: the prompts file {path} is empty; nothing to evaluate")
-    return frame.head(max_examples) if max_examples else frame
+    table = pa.Table.from_batches(batches)
+    return (table.slice(0, max_examples) if max_examples else table).to_pandas()
 
 
 def dtype_agreement(

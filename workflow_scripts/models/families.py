@@ -230,3 +230,36 @@ class ChatFormatter:
 
     def save_pretrained(self, path: str | Path) -> None:
         self.owner.save_pretrained(str(path))
+
+    def portable(self) -> "TemplateRenderer | None":
+        """The same rendering without the owner (a small picklable object whose process needs
+        neither torch nor the tokenizer), or None where the owner is a processor. Callers check
+        it against `render` on their data before relying on it (format_dataset does)."""
+        if self.family.template_owner != "tokenizer" or not hasattr(self.owner, "get_chat_template"):
+            return None
+        return TemplateRenderer(
+            self.family.name, self.owner.get_chat_template(None, None), dict(self.owner.special_tokens_map)
+        )
+
+
+@dataclass(frozen=True)
+class TemplateRenderer:
+    """A tokenizer's chat template as its `apply_chat_template(tokenize=False)` renders it: the
+    template and the special-token variables it is given, rendered by transformers' own
+    `render_jinja_template` (importing it loads neither torch nor a tokenizer)."""
+
+    family_name: str
+    chat_template: str
+    template_kwargs: dict
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+
+        family = next(f for f in FAMILIES if f.name == self.family_name)
+        rendered, _ = render_jinja_template(
+            conversations=[_normalize_chat_messages(family.chat_messages(messages))],
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **self.template_kwargs,
+        )
+        return rendered[0]

@@ -108,7 +108,9 @@ def load_checkpoint(trainer, checkpoint: Path) -> None:
 def fingerprint(training: dict, peft: dict, files: list[str]) -> str:
     h = hashlib.sha256(json.dumps({"training": training, "peft": peft}, sort_keys=True, default=str).encode())
     for f in files:
-        h.update(Path(f).read_bytes())
+        with open(f, "rb") as data:  # in chunks: a token file need not fit in memory
+            while chunk := data.read(1 << 24):
+                h.update(chunk)
     return h.hexdigest()
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from workflow_scripts.data.tokens import open_tokens
 from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models.families import ModelFamily, family_of
 from workflow_scripts.models.loading import (
@@ -41,7 +42,7 @@ from workflow_scripts.training.checkpoints import (
     prepare_checkpoint_dir,
     rotate_checkpoints,
 )
-from workflow_scripts.training.data import Collator, load_examples
+from workflow_scripts.training.data import Collator
 from workflow_scripts.training.tracking import (
     MetricsCallback,
     configure_wandb,
@@ -334,8 +335,8 @@ def build_trainer(
     device: str,
     extra_callbacks=(),
 ):
-    """The configured trainer, exactly as the `train` rule runs it (benchmarks reuse this)."""
-    from datasets import Dataset
+    """The configured trainer, exactly as the `train` rule runs it (benchmarks reuse this).
+    ``train_path`` / ``validation_path``: token files (`{split}.tokens.arrow`), memory-mapped."""
     from trl import SFTConfig
 
     from workflow_scripts.training.trainer import SnaketuneTrainer
@@ -367,12 +368,14 @@ def build_trainer(
         **kwargs,
     )
     collator = Collator(tok.pad_token_id, pack=fast["packing"], max_length=training["max_length"])
-    train_ds = Dataset.from_list(load_examples(train_path))
-    eval_ds = Dataset.from_list(load_examples(validation_path)) if args.eval_strategy != "no" else None
+    # Memory-mapped token files: rows reach the collator as they are (prompt_length and length too:
+    # remove_unused_columns=False), and the collator makes the labels.
+    train_ds = open_tokens(train_path)
+    eval_ds = open_tokens(validation_path) if args.eval_strategy != "no" else None
     if fast["group_by_length"]:
-        # Examples of similar length share a step: little padding to compute.
+        # Examples of similar length share a step: little padding to compute. The sampler reads the
+        # token file's `length` column (args.length_column_name), never the ids.
         args.train_sampling_strategy = "group_by_length"
-        train_ds = train_ds.add_column("length", [len(x) for x in train_ds["input_ids"]])
     callbacks = list(extra_callbacks)
     if patience:
         from transformers import EarlyStoppingCallback

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from trl import SFTTrainer
 
 from workflow_scripts.models.families import family_of
-from workflow_scripts.training.data import IGNORE
+from workflow_scripts.training.data import IGNORE, plain_lengths
 
 
 def split_head(model):
@@ -58,6 +58,12 @@ class SnaketuneTrainer(SFTTrainer):
         self.labels_only_logits = labels_only_logits
         self.eval_seconds = 0.0  # excluded from training tokens/s
         self.rng_neutral_eval_step = None  # the step of an unscheduled evaluation (halving), if any
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if hasattr(sampler, "lengths"):  # the length-grouped sampler: the same lengths, as a list
+            sampler.lengths = plain_lengths(sampler.lengths)
+        return sampler
 
     def get_eval_dataloader(self, eval_dataset=None):
         # A copy of the collator, so evaluation batches do not count as training tokens.

@@ -1,0 +1,253 @@
+"""Rendering and tokenizing batches of conversations, in this process or in worker processes.
+
+Kept out of the format_dataset stage script because worker processes import what they run by
+module name (a stage script runs as Snakemake's __main__, which they must not import).
+
+Parallelism is one kind: ``threads`` light worker processes, each rendering with the portable
+template renderer (families.TemplateRenderer) and tokenizing with the tokenizer's Rust backend,
+the tokenizer's own thread pool off. Rendering is Python, so threads would serialise on it; a
+process per core renders and tokenizes in parallel, and without torch or transformers' model code
+loaded a worker costs ~100 MB (see the README's "Data at scale")."""
+
+import contextlib
+import json
+import logging
+import multiprocessing
+import os
+import sys
+import types
+from collections import deque
+
+import pyarrow as pa
+
+from workflow_scripts.models.families import ChatFormatter
+from workflow_scripts.stage import StageError
+
+log = logging.getLogger("snaketune.format_dataset")
+
+TRAIN_SCHEMA = pa.schema(
+    [
+        ("messages", pa.string()),
+        ("prompt_text", pa.string()),
+        ("completion_text", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("prompt_length", pa.int64()),
+        ("meta", pa.string()),
+    ]
+)
+TEST_SCHEMA = pa.schema(
+    [
+        ("messages", pa.string()),
+        ("prompt_text", pa.string()),
+        ("prompt_length", pa.int64()),
+        ("query", pa.string()),
+        ("reference", pa.string()),
+        ("target", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+# Batches handed to the workers ahead of the one being written: enough to keep every worker busy,
+# few enough that memory stays a handful of batches.
+AHEAD_PER_WORKER = 2
+# Rows the worker processes' rendering and tokenization are checked on against the tokenizer's own
+# before any is used (a template whose output the portable renderer does not reproduce stays local).
+PROBE_ROWS = 256
+
+
+def render_example(formatter: ChatFormatter, messages: list[dict]) -> tuple[str, str]:
+    """(prompt_text, completion_text) of a conversation whose last message is the assistant's."""
+    prompt = formatter.render(messages[:-1], add_generation_prompt=True)
+    full = formatter.render(messages, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise StageError(
+            "format_dataset: the chat template renders the prompt differently inside the full conversation "
+            f"(prompt {prompt[-80:]!r} is not a prefix of the conversation); training and evaluation would "
+            "see different prompts. Use a prefix-consistent template (model.fallback_chat_template)."
+        )
+    return prompt, full[len(prompt) :]
+
+
+def tokenize(tok, texts: list[str]) -> list[list[int]]:
+    # The chat template already writes any BOS; adding special tokens would double it.
+    return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def primed_backend(tok):
+    """A fast tokenizer's Rust tokenizer after one call through ``tok`` has set its state (no
+    truncation or padding, its special-token splitting): ``encode_batch_fast`` on it gives the ids
+    ``tokenize`` gives, without offsets (faster) and without transformers (a light worker). None
+    for a slow tokenizer."""
+    backend = getattr(tok, "_tokenizer", None)
+    if not hasattr(backend, "encode_batch_fast"):
+        return None
+    tokenize(tok, [""])
+    return backend
+
+
+class Formatter:
+    """Formats one batch of preprocessed rows: ``chat.render`` renders (a ChatFormatter, or its
+    portable TemplateRenderer), ``encode`` tokenizes a list of texts."""
+
+    def __init__(self, chat, encode, max_length: int, overlength: str):
+        self.chat, self.encode = chat, encode
+        self.max_length, self.overlength = max_length, overlength
+
+    def train_batch(self, rows: list[dict]) -> tuple[pa.RecordBatch, list[int], dict]:
+        """(formatted rows kept, every row's token length before any cut, overlength counts)."""
+        prompts, completions = zip(*(render_example(self.chat, r["messages"]) for r in rows), strict=True)
+        prompt_ids, completion_ids = self.encode(list(prompts)), self.encode(list(completions))
+        counts = {"over_max_length": 0, "dropped": 0, "truncated": 0}
+        lengths, kept = [], []
+        for i, (p_ids, c_ids) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+            n = len(p_ids) + len(c_ids)
+            lengths.append(n)
+            if n > self.max_length:
+                counts["over_max_length"] += 1
+                # A prompt that alone fills max_length leaves no token to learn from: always drop it.
+                if self.overlength == "drop" or len(p_ids) >= self.max_length:
+                    counts["dropped"] += 1
+                    continue
+                c_ids = c_ids[: self.max_length - len(p_ids)]
+                counts["truncated"] += 1
+            kept.append((i, p_ids + c_ids, len(p_ids)))
+        columns = {
+            "messages": [json.dumps(rows[i]["messages"], ensure_ascii=False) for i, _, _ in kept],
+            "prompt_text": [prompts[i] for i, _, _ in kept],
+            "completion_text": [completions[i] for i, _, _ in kept],
+            "input_ids": [ids for _, ids, _ in kept],
+            "prompt_length": [n for _, _, n in kept],
+            "meta": [rows[i]["meta"] for i, _, _ in kept],
+        }
+        return pa.RecordBatch.from_pydict(columns, schema=TRAIN_SCHEMA), lengths, counts
+
+    def test_batch(self, rows: list[dict]) -> tuple[pa.RecordBatch, list[int], dict]:
+        prompts = [self.chat.render(r["messages"], add_generation_prompt=True) for r in rows]
+        lengths = [len(ids) for ids in self.encode(prompts)]
+        columns = {
+            "messages": [json.dumps(r["messages"], ensure_ascii=False) for r in rows],
+            "prompt_text": prompts,
+            "prompt_length": lengths,
+            **{c: [r[c] for r in rows] for c in ("query", "reference", "target", "meta")},
+        }
+        return pa.RecordBatch.from_pydict(columns, schema=TEST_SCHEMA), lengths, {}
+
+    def work(self, task: tuple[str, list[dict]]):
+        split, rows = task
+        return self.test_batch(rows) if split == "test" else self.train_batch(rows)
+
+
+def _encoder(backend):
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def full_formatter(model_dir: str, max_length: int, overlength: str) -> Formatter:
+    """The model's own chat template owner and tokenizer (loads transformers and torch)."""
+    from workflow_scripts.models.loading import load_chat_formatter, load_tokenizer
+
+    return Formatter(
+        load_chat_formatter(model_dir), TokenizerEncoder(load_tokenizer(model_dir)), max_length, overlength
+    )
+
+
+def prepare_light(model_dir: str, max_length: int, overlength: str, probe: list[dict]):
+    """(renderer, tokenizer backend, None), or (None, None, why not): the light formatter's parts,
+    checked on ``probe`` rows to format exactly as the model's own template owner and tokenizer.
+    Run in a short-lived process, so the stage's own process never loads torch."""
+    full = full_formatter(model_dir, max_length, overlength)
+    renderer, backend = full.chat.portable(), full.encode.backend
+    if renderer is None:
+        return None, None, "the chat template belongs to a processor"
+    if backend is None:
+        return None, None, "the tokenizer is not a fast tokenizer"
+    light = Formatter(renderer, _encoder(backend), max_length, overlength)
+    if probe and _batches_differ(full.train_batch(probe), light.train_batch(probe)):
+        return None, None, "the portable rendering differs from the tokenizer's own on the first rows"
+    return renderer, backend, None
+
+
+_WORKER: Formatter | None = None
+
+
+def _start_worker(renderer, backend, max_length: int, overlength: str) -> None:
+    global _WORKER
+    # One kind of parallelism: the processes. A tokenizer thread pool per worker would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER = Formatter(renderer, _encoder(backend), max_length, overlength)
+
+
+def _work(task: tuple[str, list[dict]]):
+    return _WORKER.work(task)
+
+
+class Workers:
+    """Batches formatted by the light formatter (the portable template renderer and the Rust
+    tokenizer: no torch, no transformers model code) in ``threads`` worker processes, or in this
+    process for threads 1. Where the light formatter cannot reproduce the model's own (a
+    processor-owned template, a slow tokenizer, a rendering that differs on the first rows), the
+    model's own formats in this process, with a warning saying why. Results come back in the order
+    the batches went in, with at most AHEAD_PER_WORKER batches per worker outstanding."""
+
+    def __init__(self, threads: int, model_dir: str, max_length: int, overlength: str, probe: list[dict]):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+        self.pool, self.ctx = None, multiprocessing.get_context("spawn")  # fork would copy threads' locks
+        with _main_not_rerun(), self.ctx.Pool(1) as helper:
+            renderer, backend, why = helper.apply(prepare_light, (model_dir, max_length, overlength, probe))
+        if why:
+            log.warning("format_dataset: formatting in one process with the model's own tokenizer (%s)", why)
+            self.local, self.mode = full_formatter(model_dir, max_length, overlength), f"1 process ({why})"
+        elif threads <= 1:
+            self.local, self.mode = (
+                Formatter(renderer, _encoder(backend), max_length, overlength),
+                "1 process",
+            )
+        else:
+            init = (renderer, backend, max_length, overlength)
+            with _main_not_rerun():
+                self.pool = self.ctx.Pool(threads, initializer=_start_worker, initargs=init)
+            self.ahead, self.mode = threads * AHEAD_PER_WORKER, f"{threads} worker processes"
+
+    def map(self, tasks):
+        if self.pool is None:
+            yield from map(self.local.work, tasks)
+            return
+        pending = deque()
+        for task in tasks:
+            pending.append(self.pool.apply_async(_work, (task,)))
+            if len(pending) >= self.ahead:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+@contextlib.contextmanager
+def _main_not_rerun():
+    """A spawned process runs the parent's main module again unless it has no file; under Snakemake
+    that is the rule's generated script (the whole stage, and Snakemake's imports). The workers need
+    only this module, so they start while __main__ is an empty stand-in."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _batches_differ(a, b) -> bool:
+    return not (a[0].equals(b[0]) and a[1] == b[1] and a[2] == b[2])
+
+
+class TokenizerEncoder:
+    """``tokenize`` with a tokenizer: through its primed Rust backend where it has one."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.backend = primed_backend(tok)
+        self._fast = _encoder(self.backend) if self.backend is not None else None
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        return self._fast(texts) if self._fast and texts else tokenize(self.tok, texts)
