@@ -1,6 +1,7 @@
 """download_dataset, preprocess_dataset, format_dataset on tiny inputs, including bad input."""
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -229,3 +230,48 @@ def test_format_overlength_rows_are_counted(preprocessed, tiny_model_dir, tmp_pa
         assert stats["train"]["dropped"] == over and len(train) == 96 - over
     else:
         assert stats["train"]["truncated"] + stats["train"]["dropped"] == over
+
+
+def test_format_in_worker_processes_equals_one_process_and_a_bad_row_is_one_line(
+    preprocessed, tiny_model_dir, tmp_path, monkeypatch
+):
+    from workflow_scripts.data import formatting, sources
+
+    monkeypatch.setattr(sources, "BATCH_ROWS", 16)  # several batches for the workers
+    monkeypatch.setattr(formatting, "PROBE_ROWS", 8)  # the rows the light formatter is checked on
+    fmt = {"max_length": 2048, "overlength": "drop"}
+    results = {}
+    for threads in (1, 2):
+        out = {**outputs(tmp_path, f"fmt{threads}"), "train_tokens": str(tmp_path / f"t{threads}.arrow")}
+        job = Job(
+            input={**preprocessed, "model_dir": str(tiny_model_dir)},
+            output={**out, "stats": str(tmp_path / f"s{threads}.json")},
+            params={"format": fmt},
+            threads=threads,
+        )
+        results[threads] = format_dataset.run(job), pd.read_parquet(out["train"])
+    assert results[1][0] == results[2][0]
+    assert results[1][1].astype(str).equals(results[2][1].astype(str))
+
+    # A template that fails on one row past the rows it is checked on: an error in a worker process
+    # ends the stage with one line naming the cause, and no output is kept.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ raise_exception('a BOOM row') }}"
+        "{% endif %}{% endfor %}" + template
+    )
+    rows = pd.read_parquet(preprocessed["train"])
+    rows.loc[len(rows) - 1, "messages"][1]["content"] += " BOOM"  # the last row: past the probe's
+    rows.to_parquet(preprocessed["train"])
+    out = {**outputs(tmp_path, "bad"), "train_tokens": str(tmp_path / "bad.arrow")}
+    job = Job(
+        input={**preprocessed, "model_dir": str(model)},
+        output={**out, "stats": str(tmp_path / "bad.json")},
+        params={"format": fmt},
+        threads=2,
+    )
+    with pytest.raises(StageError, match="formatting a train batch failed: .*a BOOM row"):
+        format_dataset.run(job)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.arrow").exists()

@@ -27,7 +27,7 @@ _UMASK = _read_umask()
 _TMP_MARK = ".tmp-"
 
 
-def _remove_stale_temps(target: Path) -> None:
+def remove_stale_temps(target: Path) -> None:
     """Remove ``.<name>.tmp-<random>`` siblings of ``target``: left by a killed earlier run of the
     same job (Snakemake never runs two jobs with the same output at once). The random part has no
     dot, so the temp of another target (``.<name>.tmp-x.tmp-<random>``) never matches."""
@@ -56,7 +56,7 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
     target = Path(target)
     created = [p for p in (target.parent, *target.parent.parents) if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(target)
+    remove_stale_temps(target)
     prefix = f".{target.name}{_TMP_MARK}"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))

@@ -8,6 +8,7 @@ written a batch at a time, and `sources.json`, the record of which files fed eac
 was carved with which seed.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from workflow_scripts.credentials import hf_token
 from workflow_scripts.data import sources
@@ -31,13 +33,17 @@ from workflow_scripts.data.sources import (
     rows_as_text,
 )
 from workflow_scripts.data.streams import ParquetSink, Progress
-from workflow_scripts.files import write_json
+from workflow_scripts.files import remove_stale_temps, write_json
 from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.download_dataset")
 
 # Hub split names understood without `dataset.split_names`: the datasets library's vocabulary,
 # the same table that names local split files.
+# Buckets of the external shuffle that carves splits out of train: BUCKET_BATCHES x BATCH_ROWS rows
+# (~30 MB of text at the default) are in memory at a time, whatever the size of the data.
+BUCKET_BATCHES = 16
+
 HUB_ALIASES = {word: split for split, words in SPLIT_KEYWORDS.items() for word in words}
 
 
@@ -82,30 +88,73 @@ class Spill:
             self._sink.close()
             self._writer = self._sink = None
 
-    def take(self, indices: np.ndarray) -> pa.Table:
-        """Rows at ``indices``, in that order. The files are mapped only for this call, so the
-        pages a call touches leave this process's memory with it (bounded at any size); each
-        record batch is indexed on its own (a take across the whole chunked table would join it)."""
+    def batches(self):
+        """The rows in the order they were read, a record batch at a time, every column present
+        (null where a batch predates it). Read from the file (no memory map), so only the current
+        batch is in memory."""
         self._close_file()
-        batches = []
+        schema = pa.schema([(c, pa.string()) for c in self.columns])
         for f in self.files:
-            reader = pa.ipc.open_file(pa.memory_map(str(f)))
-            batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
-        bounds = np.cumsum([0] + [b.num_rows for b in batches])
-        which = np.searchsorted(bounds, indices, side="right") - 1
-        grouped = np.argsort(which, kind="stable")
-        parts = [
-            pa.Table.from_batches([batches[b].take(pa.array(indices[which == b] - bounds[b]))])
-            for b in np.unique(which)
-        ]
-        table = pa.concat_tables(parts, promote_options="default")
-        for column in self.columns:  # a column first seen in a later batch: null in these rows
-            if column not in table.column_names:
-                table = table.append_column(column, pa.nulls(table.num_rows, pa.string()))
-        table = table.select(self.columns).combine_chunks()
-        back = np.empty_like(grouped)
-        back[grouped] = np.arange(len(grouped))
-        return table.take(pa.array(back))
+            with pa.OSFile(str(f)) as source:
+                reader = pa.ipc.open_file(source)
+                for i in range(reader.num_record_batches):
+                    yield _full(reader.get_batch(i), schema)
+
+
+def _full(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with every column of ``schema``, in its order (null where the batch lacks one)."""
+    columns = [
+        batch.column(name) if name in batch.schema.names else pa.nulls(batch.num_rows, pa.string())
+        for name in schema.names
+    ]
+    return pa.record_batch(columns, schema=schema)
+
+
+def in_order(spill: Spill, indices: np.ndarray, scratch: Path):
+    """The rows of ``spill`` at ``indices`` (each at most once), in that order, as tables of at
+    most BATCH_ROWS rows, with bounded memory at any size: an external shuffle. One sequential
+    pass sends each row to the bucket file of its output position (BUCKET_BATCHES x BATCH_ROWS
+    positions a bucket); then each bucket, read whole, is put in order."""
+    step = sources.BATCH_ROWS
+    if np.array_equal(indices, np.arange(len(indices))):  # a prefix in file order: no shuffle
+        yield from _prefix(spill, len(indices))
+        return
+    bucket_rows = step * BUCKET_BATCHES
+    position = np.full(spill.rows, -1, dtype=np.int64)  # output position of each row (-1: not taken)
+    position[indices] = np.arange(len(indices))
+    n_buckets = -(-len(indices) // bucket_rows)
+    schema = pa.schema([(c, pa.string()) for c in spill.columns] + [("__position", pa.int64())])
+    paths = [scratch / f"{spill.split}-bucket-{b}.arrow" for b in range(n_buckets)]
+    sinks = [pa.OSFile(str(p), "wb") for p in paths]
+    writers = [pa.ipc.new_file(sink, schema) for sink in sinks]
+    start = 0
+    for batch in spill.batches():
+        pos = position[start : start + batch.num_rows]
+        start += batch.num_rows
+        taken = np.nonzero(pos >= 0)[0]
+        bucket = pos[taken] // bucket_rows
+        for b in np.unique(bucket):
+            rows = taken[bucket == b]
+            part = batch.take(pa.array(rows)).append_column("__position", pa.array(pos[rows]))
+            writers[b].write_batch(part)
+    for writer, sink in zip(writers, sinks, strict=True):
+        writer.close()
+        sink.close()
+    for path in paths:
+        with pa.OSFile(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        path.unlink()
+        table = table.take(pc.sort_indices(table.column("__position"))).drop_columns(["__position"])
+        for offset in range(0, table.num_rows, step):
+            yield table.slice(offset, step)
+
+
+def _prefix(spill: Spill, n: int):
+    for batch in spill.batches():
+        if n <= 0:
+            return
+        yield pa.Table.from_batches([batch.slice(0, n)])
+        n -= batch.num_rows
 
 
 def _spill_rows(spill: Spill, batches, progress: Progress) -> int:
@@ -139,11 +188,9 @@ def load_local(cfg: dict, scratch: Path, progress: Progress) -> tuple[dict[str, 
 
 
 def _hub_batches(split_ds):
-    for columns in split_ds.iter(batch_size=sources.BATCH_ROWS):
-        names = list(columns)
-        yield rows_as_text(
-            [dict(zip(names, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-        )
+    # Arrow batches as stored (as to_list gives them: features such as images are not decoded)
+    for table in split_ds.with_format("arrow").iter(batch_size=sources.BATCH_ROWS):
+        yield rows_as_text(table.to_pylist())
 
 
 def load_hub(cfg: dict, scratch: Path, progress: Progress) -> tuple[dict[str, Spill], dict]:
@@ -237,11 +284,27 @@ def make_splits(spills: dict[str, Spill], cfg: dict) -> tuple[dict[str, tuple[Sp
     return named, {"carved_from_train": carved, "seed": seed, "max_rows": cfg["max_rows"]}
 
 
-def write_split(path: str, spill: Spill, rows: np.ndarray, progress: Progress) -> None:
-    with ParquetSink(path) as sink:
-        for start in range(0, len(rows), sources.BATCH_ROWS):
-            sink.write(spill.take(rows[start : start + sources.BATCH_ROWS]))
-            progress.update(min(sources.BATCH_ROWS, len(rows) - start))
+def write_splits(plan: dict[str, tuple[Spill, np.ndarray]], job: Job, scratch: Path, progress: Progress):
+    """Every split's parquet, all kept or none. Splits cut from one spill (carved from train) are
+    written in one shuffle of that spill, in the order of their rows in the permutation."""
+    by_spill: dict[int, list[str]] = {}
+    for s, (spill, _) in plan.items():
+        by_spill.setdefault(id(spill), []).append(s)
+    with contextlib.ExitStack() as outputs:
+        sinks = {s: outputs.enter_context(ParquetSink(job.output[s])) for s in SPLITS}
+        for names in by_spill.values():
+            spill = plan[names[0]][0]
+            sizes = [len(plan[s][1]) for s in names]
+            wanted = np.concatenate([plan[s][1] for s in names])
+            bounds = np.cumsum([0, *sizes])
+            done = 0
+            for table in in_order(spill, wanted, scratch):
+                for s, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True):
+                    a, b = max(lo, done), min(hi, done + table.num_rows)
+                    if a < b:
+                        sinks[s].write(table.slice(a - done, b - a))
+                done += table.num_rows
+                progress.update(table.num_rows)
 
 
 def run(job: Job) -> dict[str, int]:
@@ -252,6 +315,7 @@ def run(job: Job) -> dict[str, int]:
     out_dir.mkdir(parents=True, exist_ok=True)
     # Scratch beside the outputs, named like an atomic temp of sources.json (written last), so a
     # killed run's scratch is removed by the next run (files.atomic_path).
+    remove_stale_temps(Path(job.output.sources))  # a killed run's scratch, before making another
     scratch = Path(tempfile.mkdtemp(prefix=f".{Path(job.output.sources).name}.tmp-", dir=out_dir))
     try:
         reading = Progress("download_dataset: read")
@@ -261,8 +325,7 @@ def run(job: Job) -> dict[str, int]:
         splits, carving = make_splits(spills, cfg)
         counts = {s: len(splits[s][1]) for s in SPLITS}
         writing = Progress("download_dataset: write")
-        for s in SPLITS:
-            write_split(job.output[s], *splits[s], writing)
+        write_splits(splits, job, scratch, writing)
         writing.done()
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -19,7 +19,8 @@ import logging
 from collections import deque
 from pathlib import Path
 
-from workflow_scripts.data.formatting import PROBE_ROWS, TEST_SCHEMA, TRAIN_SCHEMA, Workers
+from workflow_scripts.data import formatting
+from workflow_scripts.data.formatting import TEST_SCHEMA, TRAIN_SCHEMA, Workers
 from workflow_scripts.data.streams import LengthCounts, ParquetSink, Progress, batches_of
 from workflow_scripts.data.tokens import TokensWriter
 from workflow_scripts.files import atomic_path, write_json
@@ -85,7 +86,7 @@ def run(job: Job) -> dict:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     stats = {"max_length": fmt["max_length"], "overlength": fmt["overlength"]}
     stats["chat_template"] = manifest.get("chat_template", "model")
-    probe = next(batches_of(job.input.train, rows=PROBE_ROWS), [])
+    probe = next(batches_of(job.input.train, rows=formatting.PROBE_ROWS), [])
     workers = Workers(max(1, int(job.threads)), model_dir, fmt["max_length"], fmt["overlength"], probe)
     log.info("format_dataset: %s", workers.mode)
     try:

@@ -14,9 +14,12 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import sys
 import types
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pyarrow as pa
 
@@ -151,17 +154,27 @@ def full_formatter(model_dir: str, max_length: int, overlength: str) -> Formatte
 
 def prepare_light(model_dir: str, max_length: int, overlength: str, probe: list[dict]):
     """(renderer, tokenizer backend, None), or (None, None, why not): the light formatter's parts,
-    checked on ``probe`` rows to format exactly as the model's own template owner and tokenizer.
-    Run in a short-lived process, so the stage's own process never loads torch."""
+    checked on ``probe`` rows to format exactly as the model's own template owner and tokenizer
+    call do (``tokenize``), after the trip to another process (pickled). Run in a short-lived
+    process, so the stage's own process never loads torch."""
     full = full_formatter(model_dir, max_length, overlength)
     renderer, backend = full.chat.portable(), full.encode.backend
     if renderer is None:
         return None, None, "the chat template belongs to a processor"
     if backend is None:
         return None, None, "the tokenizer is not a fast tokenizer"
-    light = Formatter(renderer, _encoder(backend), max_length, overlength)
-    if probe and _batches_differ(full.train_batch(probe), light.train_batch(probe)):
-        return None, None, "the portable rendering differs from the tokenizer's own on the first rows"
+    renderer, backend = pickle.loads(pickle.dumps((renderer, backend)))  # as a worker receives them
+    reference = Formatter(full.chat, lambda texts: tokenize(full.encode.tok, texts), max_length, overlength)
+    try:
+        light = Formatter(renderer, _encoder(backend), max_length, overlength).train_batch(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure of the portable path means: use the model's own
+        return None, None, f"the portable rendering failed ({type(exc).__name__}: {exc})"
+    if _batches_differ(_work_on(reference, ("train", probe)), light):
+        return (
+            None,
+            None,
+            "the portable rendering or tokenization differs from the model's own on the first rows",
+        )
     return renderer, backend, None
 
 
@@ -176,7 +189,22 @@ def _start_worker(renderer, backend, max_length: int, overlength: str) -> None:
 
 
 def _work(task: tuple[str, list[dict]]):
-    return _WORKER.work(task)
+    return _work_on(_WORKER, task)
+
+
+def _work_on(formatter: Formatter, task: tuple[str, list[dict]]):
+    try:
+        return formatter.work(task)
+    except StageError:
+        raise
+    except Exception as exc:  # any error crosses back to the stage as one picklable line
+        raise StageError(
+            f"format_dataset: formatting a {task[0]} batch failed: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _ready() -> int:
+    return os.getpid()
 
 
 class Workers:
@@ -185,43 +213,59 @@ class Workers:
     process for threads 1. Where the light formatter cannot reproduce the model's own (a
     processor-owned template, a slow tokenizer, a rendering that differs on the first rows), the
     model's own formats in this process, with a warning saying why. Results come back in the order
-    the batches went in, with at most AHEAD_PER_WORKER batches per worker outstanding."""
+    the batches went in, with at most AHEAD_PER_WORKER batches per worker outstanding; a worker that
+    dies (killed, out of memory) ends the stage with one line, never a hang."""
 
     def __init__(self, threads: int, model_dir: str, max_length: int, overlength: str, probe: list[dict]):
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-        self.pool, self.ctx = None, multiprocessing.get_context("spawn")  # fork would copy threads' locks
-        with _main_not_rerun(), self.ctx.Pool(1) as helper:
-            renderer, backend, why = helper.apply(prepare_light, (model_dir, max_length, overlength, probe))
+        self.pool, ctx = None, multiprocessing.get_context("spawn")  # fork would copy threads' locks
+        with _main_not_rerun(), ProcessPoolExecutor(1, mp_context=ctx) as helper:
+            renderer, backend, why = _result(
+                helper.submit(prepare_light, model_dir, max_length, overlength, probe)
+            )
         if why:
             log.warning("format_dataset: formatting in one process with the model's own tokenizer (%s)", why)
             self.local, self.mode = full_formatter(model_dir, max_length, overlength), f"1 process ({why})"
         elif threads <= 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = (
+                "false"  # one core: the tokenizer's pool would oversubscribe
+            )
             self.local, self.mode = (
                 Formatter(renderer, _encoder(backend), max_length, overlength),
                 "1 process",
             )
         else:
             init = (renderer, backend, max_length, overlength)
-            with _main_not_rerun():
-                self.pool = self.ctx.Pool(threads, initializer=_start_worker, initargs=init)
+            self.pool = ProcessPoolExecutor(threads, mp_context=ctx, initializer=_start_worker, initargs=init)
+            with _main_not_rerun():  # every worker starts now, while the stand-in main is in place
+                for ready in [self.pool.submit(_ready) for _ in range(threads)]:
+                    _result(ready)
             self.ahead, self.mode = threads * AHEAD_PER_WORKER, f"{threads} worker processes"
 
     def map(self, tasks):
         if self.pool is None:
-            yield from map(self.local.work, tasks)
+            yield from (_work_on(self.local, task) for task in tasks)
             return
         pending = deque()
         for task in tasks:
-            pending.append(self.pool.apply_async(_work, (task,)))
+            pending.append(self.pool.submit(_work, task))
             if len(pending) >= self.ahead:
-                yield pending.popleft().get()
+                yield _result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield _result(pending.popleft())
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(future):
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise StageError(
+            "format_dataset: a worker process died or could not start (killed, out of memory?); lower "
+            "resources.threads or give the rule more memory, then re-run"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -83,31 +83,38 @@ def digest(text: str) -> bytes:
 
 
 class DigestSet:
-    """Digests seen so far, as a sorted numpy array of 16-byte strings (membership by binary
-    search): 16 bytes a row, where a Python set of the prompts would hold the whole text."""
+    """Digests seen so far, 16 bytes each, for membership at any size: a few sorted numpy arrays
+    of 16-byte strings (runs of geometric sizes, searched by bisection; a new batch is merged into
+    the runs no larger than it, so each digest is moved O(log n) times, never the whole set per
+    batch). A Python set of the prompts would hold their whole text."""
 
     def __init__(self):
-        self._sorted = np.empty(0, dtype="S16")
+        self._runs: list[np.ndarray] = []
 
     def __len__(self) -> int:
-        return len(self._sorted)
+        return sum(len(run) for run in self._runs)
 
     def contains(self, digests: list[bytes]) -> np.ndarray:
         """A boolean per digest: seen before."""
-        if not digests or not len(self._sorted):
-            return np.zeros(len(digests), dtype=bool)
+        found = np.zeros(len(digests), dtype=bool)
+        if not digests:
+            return found
         query = np.array(digests, dtype="S16")
-        at = np.searchsorted(self._sorted, query)
-        found = np.zeros(len(query), dtype=bool)
-        inside = at < len(self._sorted)
-        found[inside] = self._sorted[at[inside]] == query[inside]
+        for run in self._runs:
+            at = np.searchsorted(run, query)
+            inside = at < len(run)
+            found[inside] |= run[at[inside]] == query[inside]
         return found
 
     def add(self, digests: list[bytes]) -> None:
         """Add digests not already in the set (callers add only unseen ones)."""
-        if digests:
-            new = np.sort(np.array(digests, dtype="S16"))
-            self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
+        if not digests:
+            return
+        run = np.sort(np.array(digests, dtype="S16"))
+        while self._runs and len(self._runs[-1]) <= len(run):
+            last = self._runs.pop()
+            run = np.insert(last, np.searchsorted(last, run), run)  # a merge of two sorted arrays
+        self._runs.append(run)
 
 
 class LengthCounts:

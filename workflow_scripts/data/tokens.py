@@ -14,6 +14,8 @@ import os
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from workflow_scripts.stage import StageError
+
 SCHEMA = pa.schema(
     [
         pa.field("input_ids", pa.list_(pa.int32())),
@@ -61,5 +63,5 @@ def open_tokens(path: str | os.PathLike):
     ds = Dataset.from_file(str(path), in_memory=False)
     missing = [name for name in SCHEMA.names if name not in ds.column_names]
     if missing:
-        raise ValueError(f"{path}: not a token file (no column {missing[0]!r}); re-run format_dataset")
+        raise StageError(f"{path}: not a token file (no column {missing[0]!r}); re-run format_dataset")
     return ds

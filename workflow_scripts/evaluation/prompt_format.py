@@ -32,16 +32,15 @@ class PromptFormat:
 
 
 def _test_rows(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pandas as pd
+    """The test split's messages and queries (formatted: messages as JSON text; preprocessed:
+    messages as role/content structs)."""
+    from workflow_scripts.data.streams import batches_of
 
-        frame = pd.read_parquet(path, columns=["messages", "query"])
-        return [
-            {"messages": json.loads(m), "query": q}
-            for m, q in zip(frame["messages"], frame["query"], strict=True)
-        ]
-    with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = [row for batch in batches_of(path, columns=["messages", "query"]) for row in batch]
+    for row in rows:
+        if isinstance(row["messages"], str):
+            row["messages"] = json.loads(row["messages"])
+    return rows
 
 
 def find_test_split(experiment_dir: Path) -> Path | None:
@@ -56,7 +55,7 @@ def find_test_split(experiment_dir: Path) -> Path | None:
     depth = len(own.parent.parts)  # results/{experiment} -> 2: the workflow folder is 2 levels up
     root = experiment_dir.resolve().parents[depth - 1] if depth else experiment_dir.resolve()
     shared = artifacts.get("shared") or {}
-    for key, name in (("formatted", "test.parquet"), ("preprocessed", "test.jsonl")):
+    for key, name in (("formatted", "test.parquet"), ("preprocessed", "test.parquet")):
         if shared.get(key) and (root / shared[key] / name).is_file():
             return root / shared[key] / name
     return None
@@ -68,7 +67,7 @@ def prompt_format(experiment_dir: Path) -> PromptFormat:
 
 
 def prompt_format_of(path: Path | None) -> PromptFormat:
-    """The prompt format of the test prompts in ``path`` (formatted .parquet or preprocessed .jsonl):
+    """The prompt format of the test prompts in ``path`` (formatted or preprocessed test.parquet):
     the turns before the last user message (equal in every row) and the text the user template
     writes around the question."""
     if path is None:

@@ -33,6 +33,7 @@ import torch
 
 from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.logs import run_logged
+from workflow_scripts.data.streams import batches_of
 from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 from workflow_scripts.winner import subject
 
@@ -171,7 +172,7 @@ class Reference:
         from workflow_scripts.evaluation.generate import GenerationSettings, eos_ids, generate
         from workflow_scripts.models.loading import load_chat_formatter, load_model, load_tokenizer
 
-        frame = pd.read_parquet(test_path)
+        frame = pd.DataFrame(next(batches_of(test_path, rows=cfg["agreement_prompts"]), []))  # the first rows
         if frame.empty or "prompt_text" not in frame.columns:
             raise StageError(f"export: no formatted test prompts in {test_path} to verify the export with")
         n = min(cfg["agreement_prompts"], len(frame))

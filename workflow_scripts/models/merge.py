@@ -16,6 +16,7 @@ import torch
 from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models.loading import load_chat_formatter, load_model, load_tokenizer
 from workflow_scripts.models.model_card import merge_card
+from workflow_scripts.data.streams import batches_of
 from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 
 log = logging.getLogger("snaketune.merge")
@@ -45,7 +46,8 @@ def run(job: Job) -> dict:
     set_threads(job.threads)
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise StageError(f"merge: {adapter_dir} has no adapter_config.json (run the train rule first)")
-    prompts = pd.read_parquet(test_path, columns=["prompt_text"])["prompt_text"].tolist()[:N_PROMPTS]
+    first = next(batches_of(test_path, columns=["prompt_text"], rows=N_PROMPTS), [])  # never the whole split
+    prompts = [row["prompt_text"] for row in first]
     if not prompts:
         raise StageError(f"merge: no test prompts in {test_path} to verify the merge with")
     tok = load_tokenizer(base_dir)

@@ -65,6 +65,12 @@ class SnaketuneTrainer(SFTTrainer):
             sampler.lengths = plain_lengths(sampler.lengths)
         return sampler
 
+    def _get_eval_sampler(self, eval_dataset):
+        sampler = super()._get_eval_sampler(eval_dataset)
+        if hasattr(sampler, "lengths"):
+            sampler.lengths = plain_lengths(sampler.lengths)
+        return sampler
+
     def get_eval_dataloader(self, eval_dataset=None):
         # A copy of the collator, so evaluation batches do not count as training tokens.
         train_collator = self.data_collator
