@@ -241,6 +241,46 @@ def child_loading(spec: dict) -> dict:
     }
 
 
+def child_parallelism(spec: dict) -> dict:
+    """format_dataset's two candidate kinds of parallelism on the same preprocessed train split:
+    one process whose tokenizer runs its own thread pool (rendering serial in Python), and the
+    stage's worker processes (each renders and tokenizes, the tokenizer's pool off)."""
+    from workflow_scripts.data import formatting
+    from workflow_scripts.data.streams import batches_of
+
+    train, model, procs = spec["train"], spec["model"], spec["procs"]
+    probe = next(batches_of(train, rows=formatting.PROBE_ROWS))
+    renderer, backend, why = formatting.prepare_light(model, spec["max_length"], spec["overlength"], probe)
+    if why:
+        return {"error": why}
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the tokenizer's own pool, one thread per core
+    light = formatting.Formatter(
+        renderer, formatting._encoder(backend), spec["max_length"], spec["overlength"]
+    )
+    start = time.perf_counter()
+    rows = sum(light.train_batch(batch)[0].num_rows for batch in batches_of(train))
+    threads_s = time.perf_counter() - start
+    start = time.perf_counter()
+    workers = formatting.Workers(procs, model, spec["max_length"], spec["overlength"], probe)
+    try:
+        assert sum(r[0].num_rows for r in workers.map(("train", b) for b in batches_of(train))) == rows
+    finally:
+        workers.close()
+    return {"rows": rows, "tokenizer_threads_s": threads_s, "worker_processes_s": time.perf_counter() - start}
+
+
+def side_parallelism(wf: Path, exp, cfg: dict, procs: int, folder: Path) -> dict:
+    spec = {
+        "train": str(wf / exp.preprocessed / "train.parquet"),
+        "model": str(wf / exp.base_model),
+        "procs": procs,
+        "max_length": cfg["training"]["max_length"],
+        "overlength": cfg["training"]["overlength"],
+    }
+    _, _, info = run_child("parallelism", spec, folder / "parallelism.log")
+    return info
+
+
 def run_child(kind: str, spec: dict, log: Path) -> tuple[float, dict, dict]:
     """(wall s, peak RSS MB, what the child returned) of a child run in a fresh process."""
     out = log.with_suffix(".json")
@@ -426,7 +466,8 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":  # a measured child process
         _, _, kind, spec, out = sys.argv
         sys.path.insert(0, str(REPO))
-        result = {"datasets": child_datasets, "loading": child_loading}[kind](json.loads(spec))
+        children = {"datasets": child_datasets, "loading": child_loading, "parallelism": child_parallelism}
+        result = children[kind](json.loads(spec))
         Path(out).write_text(json.dumps(result))
         return
 
@@ -477,6 +518,17 @@ def main() -> None:
                 r.setdefault("snaketune", {"error": str(exc)})
                 r["loading"] = {"error": str(exc) if "error" not in r["snaketune"] else "no formatted data"}
             report_size(r, first)
+            if first is None and "error" not in r["snaketune"]:  # the smallest size: which parallelism
+                p = r["parallelism"] = side_parallelism(wf, exp, cfg, args.procs, folder)
+                if "error" in p:
+                    print(f"  parallelism: not measured ({p['error']})")
+                else:
+                    print(
+                        f"  format's parallelism on {p['rows']:,} train rows: one process + tokenizer threads "
+                        f"{p['tokenizer_threads_s']:.1f} s, {args.procs} worker processes "
+                        f"{p['worker_processes_s']:.1f} s (start-up included): processes "
+                        f"{p['tokenizer_threads_s'] / p['worker_processes_s']:.2f}x faster"
+                    )
     finally:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))

@@ -161,7 +161,7 @@ def formatted_sample(cfg: dict, model_dir: Path) -> Path:
     download_dataset.run(
         Job(output={**raw, "sources": str(out / "raw" / "sources.json")}, params={"dataset": dataset})
     )
-    pre = {s: str(out / "preprocessed" / f"{s}.jsonl") for s in splits}
+    pre = {s: str(out / "preprocessed" / f"{s}.parquet") for s in splits}
     preprocess_dataset.run(
         Job(
             input=raw,
