@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, build_tokenizer, sample_rows, save_lively_model
 
@@ -108,9 +110,9 @@ def test_prompt_format_keeps_only_what_every_row_shares(tmp_path):
         }
         for i in range(3)
     ]
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test.parquet")  # as preprocess writes it
     fmt = prompt_format_of(
-        tmp_path / "test.jsonl"
+        tmp_path / "test.parquet"
     )  # the query is not in the user message: no wrapping guessed
     assert fmt.system_prompt == "S" and (fmt.user_prefix, fmt.user_suffix) == ("", "")
     # a folder without experiment.json has no prompt format, and is no experiment

@@ -146,6 +146,13 @@ def workflow(tmp_path_factory, tiny_model_dir) -> Workflow:
 # --- what a valid output is -------------------------------------------------------------------
 
 
+def check_tokens(path: Path) -> None:
+    from workflow_scripts.data.tokens import open_tokens
+
+    ds = open_tokens(path)  # a whole Arrow stream with the token columns
+    assert len(ds) > 0 and ds[0]["length"] == len(ds[0]["input_ids"]), path
+
+
 def check_parquet(path: Path) -> None:
     import pandas as pd
 
@@ -205,6 +212,7 @@ def check_deployment(path: Path) -> None:
 
 CHECKS = {
     ".parquet": check_parquet,
+    ".arrow": check_tokens,
     ".json": check_json,
     ".jsonl": check_jsonl,
     ".csv": check_csv,
@@ -434,7 +442,7 @@ def test_disk_full_while_preprocess_writes(workflow, can_mount):
     same_rows = [wf / o for o in workflow.jobs["preprocess_dataset"].outputs]
     assert job.outputs != workflow.jobs["preprocess_dataset"].outputs
     outputs = [wf / o for o in job.outputs]
-    assert [o.suffix for o in outputs] == [".jsonl"] * 3 + [".json"], job.outputs  # splits, then report
+    assert [o.suffix for o in outputs] == [".parquet"] * 3 + [".json"], job.outputs  # splits, then report
     args = workflow.args(*job.outputs, config_file=config_file)
     if not all(p.exists() for p in same_rows):  # this test alone: a run with room gives the sizes
         smk(wf, *args)
@@ -449,9 +457,9 @@ def test_disk_full_while_preprocess_writes(workflow, can_mount):
         log_text = (wf / job.log).read_text()
         assert proc.returncode != 0, text[-3000:]
         # one clear line naming the file that did not fit, not a bare OSError traceback
-        assert re.search(r"ERROR.*no space left on device while writing \S+test\.jsonl", log_text), log_text[
-            -3000:
-        ]
+        assert re.search(r"ERROR.*no space left on device while writing \S+test\.parquet", log_text), (
+            log_text[-3000:]
+        )
         print("\nENOSPC as the user sees it, end of the log:\n" + "\n".join(log_text.splitlines()[-4:]))
         # Snakemake removes the outputs of the failed job, also the splits written completely
         assert [p for p in outputs if p.exists()] == [], (
