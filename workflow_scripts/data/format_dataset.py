@@ -19,6 +19,8 @@ import logging
 from collections import deque
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from workflow_scripts.data import formatting
 from workflow_scripts.data.formatting import TEST_SCHEMA, TRAIN_SCHEMA, Workers
 from workflow_scripts.data.streams import LengthCounts, ParquetSink, Progress, batches_of
@@ -87,7 +89,8 @@ def run(job: Job) -> dict:
     stats = {"max_length": fmt["max_length"], "overlength": fmt["overlength"]}
     stats["chat_template"] = manifest.get("chat_template", "model")
     probe = next(batches_of(job.input.train, rows=formatting.PROBE_ROWS), [])
-    workers = Workers(max(1, int(job.threads)), model_dir, fmt["max_length"], fmt["overlength"], probe)
+    rows = sum(pq.ParquetFile(job.input[s]).metadata.num_rows for s in ("train", "validation", "test"))
+    workers = Workers(max(1, int(job.threads)), model_dir, fmt["max_length"], fmt["overlength"], probe, rows)
     log.info("format_dataset: %s", workers.mode)
     try:
         with contextlib.ExitStack() as outputs:  # every output kept, or none

@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import pyarrow as pa
 
+from workflow_scripts.data import sources
 from workflow_scripts.models.families import ChatFormatter
 from workflow_scripts.stage import StageError
 
@@ -55,6 +56,9 @@ AHEAD_PER_WORKER = 2
 # Rows the worker processes' rendering and tokenization are checked on against the tokenizer's own
 # before any is used (a template whose output the portable renderer does not reproduce stays local).
 PROBE_ROWS = 256
+# Splits of at most this many batches per thread format in the stage's own process: starting the
+# workers (~1 s each, and a process that loads the model's tokenizer) would outlast the work.
+IN_PROCESS_BATCHES = 2
 
 
 def render_example(formatter: ChatFormatter, messages: list[dict]) -> tuple[str, str]:
@@ -209,26 +213,33 @@ def _ready() -> int:
 
 class Workers:
     """Batches formatted by the light formatter (the portable template renderer and the Rust
-    tokenizer: no torch, no transformers model code) in ``threads`` worker processes, or in this
-    process for threads 1. Where the light formatter cannot reproduce the model's own (a
-    processor-owned template, a slow tokenizer, a rendering that differs on the first rows), the
-    model's own formats in this process, with a warning saying why. Results come back in the order
-    the batches went in, with at most AHEAD_PER_WORKER batches per worker outstanding; a worker that
-    dies (killed, out of memory) ends the stage with one line, never a hang."""
+    tokenizer: no torch, no transformers model code) in ``threads`` worker processes. Data of at most
+    ``threads`` x IN_PROCESS_BATCHES batches formats in this process instead (starting workers
+    would take longer than the work), and so does everything with threads 1. Where the light
+    formatter cannot reproduce the model's own (a processor-owned template, a slow tokenizer, a
+    rendering that differs on the first rows), the model's own formats in this process, with a
+    warning saying why. Results come back in the order the batches went in, with at most
+    AHEAD_PER_WORKER batches per worker outstanding; a worker that dies (killed, out of memory)
+    ends the stage with one line, never a hang."""
 
-    def __init__(self, threads: int, model_dir: str, max_length: int, overlength: str, probe: list[dict]):
+    def __init__(
+        self, threads: int, model_dir: str, max_length: int, overlength: str, probe: list[dict], rows: int
+    ):
         self.pool, ctx = None, multiprocessing.get_context("spawn")  # fork would copy threads' locks
-        with _main_not_rerun(), ProcessPoolExecutor(1, mp_context=ctx) as helper:
-            renderer, backend, why = _result(
-                helper.submit(prepare_light, model_dir, max_length, overlength, probe)
-            )
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one kind of parallelism: the processes
+        if threads > 1 and rows <= threads * IN_PROCESS_BATCHES * sources.BATCH_ROWS:
+            threads = 1
+        if threads <= 1:  # this process: no need to keep torch out of it
+            renderer, backend, why = prepare_light(model_dir, max_length, overlength, probe)
+        else:  # checked in a process of its own, so this one never loads torch
+            with _main_not_rerun(), ProcessPoolExecutor(1, mp_context=ctx) as helper:
+                renderer, backend, why = _result(
+                    helper.submit(prepare_light, model_dir, max_length, overlength, probe)
+                )
         if why:
             log.warning("format_dataset: formatting in one process with the model's own tokenizer (%s)", why)
             self.local, self.mode = full_formatter(model_dir, max_length, overlength), f"1 process ({why})"
         elif threads <= 1:
-            os.environ["TOKENIZERS_PARALLELISM"] = (
-                "false"  # one core: the tokenizer's pool would oversubscribe
-            )
             self.local, self.mode = (
                 Formatter(renderer, _encoder(backend), max_length, overlength),
                 "1 process",
