@@ -227,9 +227,8 @@ class Workers:
     ):
         self.pool, ctx = None, multiprocessing.get_context("spawn")  # fork would copy threads' locks
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one kind of parallelism: the processes
-        if threads > 1 and rows <= threads * IN_PROCESS_BATCHES * sources.BATCH_ROWS:
-            threads = 1
-        if threads <= 1:  # this process: no need to keep torch out of it
+        in_process = threads <= 1 or rows <= threads * IN_PROCESS_BATCHES * sources.BATCH_ROWS
+        if in_process:  # no need to keep torch out of this process
             renderer, backend, why = prepare_light(model_dir, max_length, overlength, probe)
         else:  # checked in a process of its own, so this one never loads torch
             with _main_not_rerun(), ProcessPoolExecutor(1, mp_context=ctx) as helper:
@@ -239,7 +238,7 @@ class Workers:
         if why:
             log.warning("format_dataset: formatting in one process with the model's own tokenizer (%s)", why)
             self.local, self.mode = full_formatter(model_dir, max_length, overlength), f"1 process ({why})"
-        elif threads <= 1:
+        elif in_process:
             self.local, self.mode = (
                 Formatter(renderer, _encoder(backend), max_length, overlength),
                 "1 process",
