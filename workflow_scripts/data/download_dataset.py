@@ -38,14 +38,14 @@ from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.download_dataset")
 
-# Hub split names understood without `dataset.split_names`: the datasets library's vocabulary,
-# the same table that names local split files.
 # Buckets of the external shuffle that carves splits out of train: one bucket, BUCKET_BATCHES x
 # BATCH_ROWS rows (~7 MB of text at the default, ~4x that while it is put in order), is in memory at
 # a time, whatever the size of the data. Measured at 1M rows: 4 keeps the stage's peak at its 100k
 # peak (16 added 100 MB, 64 added 330 MB) for ~8% more time than 16.
 BUCKET_BATCHES = 4
 
+# Hub split names understood without `dataset.split_names`: the datasets library's vocabulary,
+# the same table that names local split files.
 HUB_ALIASES = {word: split for split, words in SPLIT_KEYWORDS.items() for word in words}
 
 
