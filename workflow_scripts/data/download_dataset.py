@@ -313,7 +313,7 @@ def run(job: Job) -> dict[str, int]:
     """Outputs: a parquet file per split and ``sources`` (the provenance record)."""
     cfg = job.params.dataset
     out_dir = Path(job.output.sources).parent
-    created = not out_dir.exists()
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
     # Scratch beside the outputs, named like an atomic temp of sources.json (written last), so a
     # killed run's scratch is removed by the next run (files.atomic_path).
@@ -331,8 +331,9 @@ def run(job: Job) -> dict[str, int]:
         writing.done()
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):  # leave no trace of a failed first run
-            out_dir.rmdir()
+        for folder in created:  # leave no trace of a failed first run
+            with contextlib.suppress(OSError):  # (a folder something else landed in stays)
+                folder.rmdir()
         raise
     shutil.rmtree(scratch, ignore_errors=True)
     write_json(job.output.sources, {**record, **carving, "rows": counts})
