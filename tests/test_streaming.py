@@ -394,15 +394,21 @@ def test_users_layouts_stream_to_the_same_outputs(
     assert {r for s in SPLITS for r in report[s]["dropped"]} == reasons
 
 
-@pytest.mark.e2e  # the slowest case: 3000 rows through all three stages, format run three times
+@pytest.mark.e2e  # the slowest case: 3000 rows through all three stages
 def test_the_shipped_sample_streams_to_the_same_outputs(
     tmp_path, monkeypatch, tiny_model_dir, resolved_config
 ):
     small_batches(monkeypatch, 23)  # ~120 train batches, 2 of validation
     cfg = resolved_config()
     dataset = {**cfg["dataset"], "id": str(REPO / cfg["dataset"]["id"])}
-    report = check_all_stages(
-        tmp_path, tiny_model_dir, dataset, cfg["messages_format"], cfg["filters"], [format_settings(cfg)]
+    report = check_all_stages(  # worker processes only: one process is checked on every layout above
+        tmp_path,
+        tiny_model_dir,
+        dataset,
+        cfg["messages_format"],
+        cfg["filters"],
+        [format_settings(cfg)],
+        (2,),
     )
     assert sum(report[s]["rows_in"] for s in SPLITS) == 3000
 

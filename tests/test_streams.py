@@ -94,3 +94,15 @@ def test_parquet_sink_keeps_nothing_when_the_block_fails(tmp_path):
         sink.write([{"a": "1"}])
         raise RuntimeError("boom")
     assert not (tmp_path / "sub").exists()  # no file, no temp, not even the folder made for it
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_bad_byte_after_a_byte_order_mark_is_named_as_it_is(tmp_path, suffix):
+    from workflow_scripts.data.sources import SourceError, read_rows
+
+    path = tmp_path / f"bom{suffix}"
+    first = b'{"q": "caf\xe9"}\n' if suffix == ".jsonl" else b"q\ncaf\xe9\n"
+    path.write_bytes(b"\xef\xbb\xbf" + first)
+    line = 1 if suffix == ".jsonl" else 2
+    with pytest.raises(SourceError, match=rf"bom{suffix}: not UTF-8 \(byte 0xe9 on line {line}\)"):
+        read_rows(path)

@@ -356,15 +356,16 @@ def _utf8_error(path: Path, line_no: int, line: bytes, exc: UnicodeDecodeError) 
     )
 
 
-def _first_bad_utf8(path: Path) -> SourceError | None:
-    """The error naming the first line of ``path`` that is not UTF-8 (None if all are)."""
+def _first_bad_utf8(path: Path) -> SourceError:
+    """The error naming the first line of ``path`` that is not UTF-8."""
     with open(path, "rb") as fh:
         for n, line in enumerate(fh, 1):
+            data = line.removeprefix(b"\xef\xbb\xbf") if n == 1 else line
             try:
-                line.decode("utf-8")
+                data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                return _utf8_error(path, n, line, exc)
-    return None
+                return _utf8_error(path, n, data, exc)
+    return SourceError(f"dataset file {path}: not UTF-8; re-save it as UTF-8")
 
 
 def _is_json_array(path: Path) -> bool:
@@ -403,8 +404,9 @@ def _json_batches(path: Path):
     batch = []
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):
+            raw = raw.removeprefix(b"\xef\xbb\xbf") if n == 1 else raw
             try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise _utf8_error(path, n, raw, exc) from None
             if not line.strip():
