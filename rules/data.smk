@@ -71,7 +71,7 @@ rule format_dataset:
         log_of("format_dataset", "fmt"),
     benchmark:
         bench_of("format_dataset", "fmt")
-    # worker processes rendering and tokenizing batches (one each; see format_dataset.py)
+    # worker processes rendering and tokenizing batches (one each; workflow_scripts/data/formatting.py)
     threads: config["resources"]["threads"]
     resources:
         **resources_for("data"),

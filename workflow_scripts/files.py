@@ -118,14 +118,6 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def write_parquet(path: str | os.PathLike, rows_or_frame) -> None:
-    import pandas as pd
-
-    frame = rows_or_frame if isinstance(rows_or_frame, pd.DataFrame) else pd.DataFrame(rows_or_frame)
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
-
-
 def write_figure(fig, path: str | os.PathLike) -> None:
     """A matplotlib figure as a PNG, laid out and written atomically; the figure is closed."""
     import matplotlib.pyplot as plt

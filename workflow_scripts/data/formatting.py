@@ -169,12 +169,11 @@ def prepare_light(model_dir: str, max_length: int, overlength: str, probe: list[
     if backend is None:
         return None, None, "the tokenizer is not a fast tokenizer"
     renderer, backend = pickle.loads(pickle.dumps((renderer, backend)))  # as a worker receives them
-    reference = Formatter(full.chat, lambda texts: tokenize(full.encode.tok, texts), max_length, overlength)
     try:
         light = Formatter(renderer, _encoder(backend), max_length, overlength).train_batch(probe)
     except Exception as exc:  # noqa: BLE001 - any failure of the portable path means: use the model's own
         return None, None, f"the portable rendering failed ({type(exc).__name__}: {exc})"
-    if _batches_differ(_work_on(reference, ("train", probe)), light):
+    if _batches_differ(_work_on(full, ("train", probe)), light):
         return (
             None,
             None,
@@ -297,12 +296,12 @@ def _batches_differ(a, b) -> bool:
 
 
 class TokenizerEncoder:
-    """``tokenize`` with a tokenizer: through its primed Rust backend where it has one."""
+    """``tokenize`` with the model's own tokenizer; its primed Rust backend (or None) beside it,
+    for the light formatter."""
 
     def __init__(self, tok):
         self.tok = tok
         self.backend = primed_backend(tok)
-        self._fast = _encoder(self.backend) if self.backend is not None else None
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
-        return self._fast(texts) if self._fast and texts else tokenize(self.tok, texts)
+        return tokenize(self.tok, texts)

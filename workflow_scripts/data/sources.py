@@ -484,14 +484,8 @@ def _has_text(path: Path) -> bool:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """All rows of one small local data file (lm-eval task data, tests); stages use row_batches."""
+    """All rows of one small local data file, as a list; stages use row_batches."""
     return [row for batch in row_batches(path) for row in batch]
-
-
-def read_json_rows(path: Path) -> list[dict]:
-    """The rows of a JSON-array or JSON-lines file, cells as written; a broken file is one line
-    naming it and the line (used to check lm-eval task data, general_items.py)."""
-    return read_rows(path)
 
 
 def rows_as_text(records: list[dict]) -> list[dict]:

@@ -32,7 +32,6 @@ class TokensWriter:
     def __init__(self, path: str | os.PathLike):
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, SCHEMA)
-        self.rows = 0
 
     def write(self, input_ids: list[list[int]] | pa.Array, prompt_lengths: list[int] | pa.Array) -> None:
         """Append examples: Python lists, or Arrow arrays (taken without a copy to Python)."""
@@ -49,7 +48,6 @@ class TokensWriter:
             schema=SCHEMA,
         )
         self._writer.write_batch(batch)
-        self.rows += len(input_ids)
 
     def close(self) -> None:
         self._writer.close()

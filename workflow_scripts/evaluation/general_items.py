@@ -133,7 +133,7 @@ def data_files_of(cfg: dict, folder: Path) -> list[Path]:
 def check_data_file(path: Path, yaml_path: Path) -> None:
     """A data file exists and, for JSON / JSON lines, parses (the common way a file breaks): a
     whole JSON document, else rows read as the dataset stage reads them."""
-    from workflow_scripts.data.sources import SourceError, read_json_rows
+    from workflow_scripts.data.sources import SourceError, row_batches
 
     if not path.is_file():
         raise ConfigError(
@@ -145,7 +145,8 @@ def check_data_file(path: Path, yaml_path: Path) -> None:
         json.loads(path.read_text(encoding="utf-8"))
         return
     try:
-        read_json_rows(path)
+        for _ in row_batches(path):  # every row parsed, a batch at a time
+            pass
     except SourceError as exc:
         raise ConfigError(f"general_ability.tasks: {exc}") from None
 

@@ -50,6 +50,13 @@ def labels_only_loss(model, inputs: dict, num_items_in_batch=None) -> tuple[torc
     return loss, stats
 
 
+def _with_plain_lengths(sampler):
+    """A length-grouped sampler with the same lengths as a list (training.data.plain_lengths)."""
+    if hasattr(sampler, "lengths"):
+        sampler.lengths = plain_lengths(sampler.lengths)
+    return sampler
+
+
 class SnaketuneTrainer(SFTTrainer):
     """SFTTrainer whose loss computes logits only at labelled positions (switchable)."""
 
@@ -60,16 +67,10 @@ class SnaketuneTrainer(SFTTrainer):
         self.rng_neutral_eval_step = None  # the step of an unscheduled evaluation (halving), if any
 
     def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        if hasattr(sampler, "lengths"):  # the length-grouped sampler: the same lengths, as a list
-            sampler.lengths = plain_lengths(sampler.lengths)
-        return sampler
+        return _with_plain_lengths(super()._get_train_sampler(train_dataset))
 
     def _get_eval_sampler(self, eval_dataset):
-        sampler = super()._get_eval_sampler(eval_dataset)
-        if hasattr(sampler, "lengths"):
-            sampler.lengths = plain_lengths(sampler.lengths)
-        return sampler
+        return _with_plain_lengths(super()._get_eval_sampler(eval_dataset))
 
     def get_eval_dataloader(self, eval_dataset=None):
         # A copy of the collator, so evaluation batches do not count as training tokens.
