@@ -9,8 +9,10 @@ from snakemake.utils import min_version, validate
 min_version("9.0")
 
 sys.path.insert(0, workflow.basedir)  # workflow_scripts, also without `pip install -e .`
-from workflow_scripts.config import ConfigError, resolve  # noqa: E402
-from workflow_scripts import experiments  # noqa: E402
+from workflow_scripts import layout  # noqa: E402
+from workflow_scripts.config import resolve  # noqa: E402
+from workflow_scripts.errors import ConfigError  # noqa: E402
+from workflow_scripts.sweeps import plan, points  # noqa: E402
 
 
 configfile: "config.yaml"
@@ -21,10 +23,10 @@ report: "rules/report/workflow.rst"
 
 try:
     resolve(config, workflow.basedir, validate, user=workflow.config_settings.overwrite_config)
-    EXPERIMENT_LIST = experiments.expand(config)  # one, or one per sweep point, each validated
+    EXPERIMENT_LIST = points.expand(config)  # one, or one per sweep point, each validated
     # Successive halving: the points train in rungs (rules/halving.smk); the finalists are the
     # experiments that are merged and evaluated.
-    HALVING = experiments.halving(config, EXPERIMENT_LIST)
+    HALVING = plan.halving(config, EXPERIMENT_LIST)
     if HALVING:
         EXPERIMENT_LIST = list(HALVING.finalists)
 except ConfigError as exc:

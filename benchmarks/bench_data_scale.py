@@ -491,7 +491,7 @@ def main() -> None:
     for name in ("MODEL_ID", "DATASET"):  # the config resolved here must be the one snakemake runs
         os.environ.pop(name, None)
     from workflow_scripts.config import load_and_resolve
-    from workflow_scripts.experiments import expand
+    from workflow_scripts.sweeps.points import expand
 
     if args.workdir:
         if args.workdir.exists() and any(args.workdir.iterdir()):

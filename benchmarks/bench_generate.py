@@ -50,8 +50,8 @@ from machine import cpu_model  # noqa: E402
 
 from workflow_scripts.config import load_and_resolve  # noqa: E402
 from workflow_scripts.evaluation.generate import GenerationSettings, eos_ids, generate  # noqa: E402
-from workflow_scripts.experiments import expand  # noqa: E402
-from workflow_scripts.experiments import model_dir as base_model_dir  # noqa: E402
+from workflow_scripts.sweeps.points import expand  # noqa: E402
+from workflow_scripts.layout import model_dir as base_model_dir  # noqa: E402
 from workflow_scripts.models.loading import (  # noqa: E402
     bf16_speed,
     dtype_name,

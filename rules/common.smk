@@ -1,5 +1,5 @@
-# The experiments of this invocation and the paths of every artifact (workflow_scripts/experiments.py
-# decides them). Shared artifacts are one job per distinct config (a wildcard per kind of folder);
+# The experiments of this invocation and the paths of every artifact (workflow_scripts/layout.py
+# decides them; the sweep's points and plan: workflow_scripts/sweeps/). Shared artifacts are one job per distinct config (a wildcard per kind of folder);
 # an experiment's own artifacts are one job per experiment ({experiment} wildcard).
 
 SWEEP = config["sweep"]
@@ -7,7 +7,7 @@ SWEEP = config["sweep"]
 # its `export` section (never swept) is every point's.
 PRIMARY = EXPERIMENT_LIST[0]
 RESULTS = PRIMARY.root
-SHARED = "results/shared"
+SHARED = layout.SHARED  # results/shared: the shared stages' folders
 ENV = "../envs/snaketune.yaml"
 
 
@@ -42,7 +42,7 @@ GENERAL_BASES = _by_folder("general_base", "general-ability base folder")  # non
 # The shape of each kind of name, not the list of names: an alternation of every name is copied
 # into every path pattern, and made a 1,000-point dry run 22 s instead of 14 s
 # (benchmarks/README.md).
-from workflow_scripts.experiments import SHARED_FOLDER_RE as FOLDER_RE, experiment_name_re, general_settings
+from workflow_scripts.layout import SHARED_FOLDER_RE as FOLDER_RE, experiment_name_re, general_settings
 from workflow_scripts.evaluation import general_items
 
 
@@ -71,9 +71,9 @@ def setting(section, registry=None, kind=None):
 
 
 # The opt-in targets (rules/publish.smk): rule-name targets cannot have wildcards, so their paths
-# are fixed. They act on the experiment, or after a sweep on the point workflow_scripts/winner.py
+# are fixed. They act on the experiment, or after a sweep on the point workflow_scripts/sweeps/winner.py
 # picks at run time (best.json's winner, or `sweep.act_on`), and write beside best.json.
-PUBLISH_DIR = f"results/sweeps/{SWEEP['name']}" if SWEEP else RESULTS
+PUBLISH_DIR = layout.sweep_dir(SWEEP["name"]) if SWEEP else RESULTS
 
 
 def pub(path):
@@ -83,15 +83,11 @@ def pub(path):
 def export_name():
     """The GGUF files' stem: `export.name`, else {model name}-{experiment}, for a sweep
     {model name}-{sweep name} (the sweep name alone when its points vary the model)."""
-    from pathlib import PurePosixPath
-
-    from workflow_scripts.experiments import model_name
-
     if PRIMARY.config["export"]["name"]:
         return PRIMARY.config["export"]["name"]
     if not SWEEP:
-        return f"{model_name(PRIMARY.config['model'])}-{PurePosixPath(PRIMARY.name).name}"
-    models = {model_name(e.config["model"]) for e in EXPERIMENTS.values()}
+        return f"{layout.model_name(PRIMARY.config['model'])}-{layout.point_of(PRIMARY.name)}"
+    models = {layout.model_name(e.config["model"]) for e in EXPERIMENTS.values()}
     return f"{models.pop()}-{SWEEP['name']}" if len(models) == 1 else SWEEP["name"]
 
 
@@ -142,27 +138,27 @@ def publish_params(inputs, settings=lambda e: {}):
 
 
 def exp_path(path):
-    return f"results/{{experiment}}/{path}"
+    return layout.experiment_path("{experiment}", path)
 
 
 def log_of(rule_name, wildcard="experiment"):
     if wildcard == "experiment":
         return exp_path(f"logs/{rule_name}.log")
-    return f"{SHARED}/logs/{rule_name}/{{{wildcard}}}.log"
+    return layout.shared_path("logs", f"{rule_name}/{{{wildcard}}}.log")
 
 
 def bench_of(rule_name, wildcard="experiment"):
     if wildcard == "experiment":
         return exp_path(f"benchmarks/{rule_name}.tsv")
-    return f"{SHARED}/benchmarks/{rule_name}/{{{wildcard}}}.tsv"
+    return layout.shared_path("benchmarks", f"{rule_name}/{{{wildcard}}}.tsv")
 
 
 def local_dataset_input(wildcards):
     """Every local data file is an input: editing one re-runs the data stages."""
-    from workflow_scripts.data.sources import local_split_files, looks_local
+    from workflow_scripts.data.sources import is_local_dataset, local_split_files
 
     dataset = DATA[wildcards.data].config["dataset"]
-    if not looks_local(dataset["id"]):
+    if not is_local_dataset(dataset["id"]):
         return []
     by_split, _ = local_split_files(dataset)  # checked at load: cannot fail here
     return sorted(f for files in by_split.values() for f in files)
@@ -184,17 +180,13 @@ def resources_for(group, gpu=False):
 
 def format_params(wildcards):
     """The training keys format_dataset reads (so other training edits leave it alone)."""
-    from workflow_scripts.experiments import format_settings
-
-    return format_settings(FORMATTED[wildcards.fmt].config)
+    return layout.format_settings(FORMATTED[wildcards.fmt].config)
 
 
 def eval_settings(wildcards):
     """The evaluation section minus what only compare reads (those never re-run an evaluation)."""
-    from workflow_scripts.experiments import evaluation_settings
-
     e = BASE_EVALS[wildcards.base_eval] if hasattr(wildcards, "base_eval") else exp(wildcards)
-    return evaluation_settings(e.config)
+    return layout.evaluation_settings(e.config)
 
 
 # Input functions: the upstream folder of a job, looked up from the experiment it belongs to.
@@ -221,7 +213,7 @@ def base_eval_of(name):
 
 def per_point(path):
     """One path per experiment (the sweep's points), for the leaderboard."""
-    return [f"results/{name}/{path}" for name in EXPERIMENTS]
+    return [layout.experiment_path(name, path) for name in EXPERIMENTS]
 
 
 def base_model_of(wildcards):
@@ -250,30 +242,26 @@ def general_inputs(wildcards):
     }
 
 
-# Successive halving (rules/halving.smk)
-def rung_job(rung):
-    """params.halving of a rung job (rung 0, a middle rung, the last): which rung and slot, the
-    steps it trains between. Past rung 0 the promotion names the point, at run time."""
+def checkpoints_of(wildcard):
+    """A params function: the checkpoint folder of the job's experiment or point (outside the
+    outputs: Snakemake must not delete it when a run dies, resume reads it)."""
+    return lambda w: layout.checkpoints(getattr(w, wildcard))
+
+
+# Successive halving (rules/halving.smk): the parameters of each rung job (workflow_scripts/sweeps/plan.py)
+def rung_job(kind):
+    """params.halving of a rung job: `rung0` (wildcard point), `slot` (rung, slot) or `finalist`
+    (experiment). Past rung 0 the promotion names the point, at run time."""
+    from workflow_scripts.sweeps.plan import PlanError
 
     def get(w):
-        if rung == 0:
-            r, slot, point = 0, None, w.point
-        else:
-            r = HALVING.last if rung == "last" else int(w.rung)
-            slot, point = int((w.experiment if rung == "last" else w.slot).rsplit("-", 1)[-1]), None
-            if not (0 < r <= HALVING.last and slot < HALVING.slots[r]) or (r == HALVING.last) != (rung == "last"):
-                raise WorkflowError(
-                    f"halving: no slot {slot} of rung {r} here: slots per rung {list(HALVING.slots)}; rungs "
-                    f"1..{HALVING.last - 1} are halving/rung-R/slot-K, the last rung's slots are finalist-K"
-                )
-        return {
-            "rung": r,
-            "slot": slot,
-            "point": point,
-            "target_step": HALVING.rungs[r],
-            "rung_start": HALVING.rungs[r - 1] if r else 0,
-            "final": r == HALVING.last,
-            "rungs": list(HALVING.rungs),  # the checkpoints a point keeps (train.KeepRungCheckpoints)
-        }
+        try:
+            if kind == "rung0":
+                return HALVING.rung0_job(w.point)
+            if kind == "slot":
+                return HALVING.slot_job(w.rung, w.slot)
+            return HALVING.finalist_job(w.experiment)
+        except PlanError as exc:
+            raise WorkflowError(str(exc)) from None
 
     return get

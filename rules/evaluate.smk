@@ -94,12 +94,37 @@ rule compare:
         "../workflow_scripts/evaluation/compare.py"
 
 
+# A sweep point's evaluation on the validation split, when the winner is chosen by a generation
+# metric (sweep.select_by); the leaderboard (rules/sweep.smk) reads it.
+rule eval_validation:
+    input:
+        model_dir=rules.merge.output.deployment_dir,
+        prompts=lambda w: f"{exp(w).formatted}/validation_prompts.parquet",
+    output:
+        evaluation=exp_path("evaluation/validation_evaluation.json"),
+        predictions=exp_path("evaluation/validation_predictions.jsonl"),
+    params:
+        evaluation=eval_settings,
+        label="validation",
+    log:
+        log_of("eval_validation"),
+    benchmark:
+        bench_of("eval_validation")
+    threads: config["resources"]["threads"]
+    resources:
+        **resources_for("model", gpu=True),
+    conda:
+        ENV
+    script:
+        "../workflow_scripts/evaluation/evaluate_model.py"
+
+
 rule experiment_index:
     input:
         comparison=rules.compare.output.comparison,
         run_info=exp_path("training/run.json"),  # a halving finalist: the point it holds
     output:
-        index=exp_path("experiment.json"),
+        index=exp_path(layout.EXPERIMENT_INDEX),
     params:
         artifacts=lambda w: exp(w).artifacts(),
     log:
@@ -114,13 +139,13 @@ rule experiment_index:
 
 
 ALL_TARGETS.extend(
-    f"results/{name}/{path}"
+    layout.experiment_path(name, path)
     for name in EXPERIMENTS
     for path in (
         "evaluation/comparison.json",
         "evaluation/comparison.md",
         "evaluation/metrics.png",
         "evaluation/accuracy_by_type.png",
-        "experiment.json",
+        layout.EXPERIMENT_INDEX,
     )
 )

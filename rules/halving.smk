@@ -4,11 +4,11 @@
 # last rung's slots are the finalists: experiments that train_finalist finishes and the usual stages
 # merge and evaluate. How many slots each rung has is fixed by the config, so `snakemake -n` shows
 # every job before anything runs; which point a slot holds is read from the promotion at run time.
-import re
+# The plan, its files and each rung job's parameters: workflow_scripts/sweeps/plan.py.
 
 if HALVING:
     HALVING_POINTS = Registry("sweep point", ((p.name, p) for p in HALVING.points))
-    # Every point of a halving sweep shares the data and base model (experiments.check_halving).
+    # Every point of a halving sweep shares the data and base model (plan.check_halving).
     HALVING_DATA = HALVING.finalists[0]
 
     rule train_rung0:
@@ -20,17 +20,17 @@ if HALVING:
         output:
             record=HALVING.RUNG0_RECORD,
         params:
-            halving=rung_job(rung=0),
-            training=lambda w: HALVING_POINTS[w.point].config["training"],
-            peft=lambda w: HALVING_POINTS[w.point].config["peft"],
-            wandb=config["wandb"],
+            halving=rung_job("rung0"),
+            training=setting("training", HALVING_POINTS, "point"),
+            peft=setting("peft", HALVING_POINTS, "point"),
+            wandb=setting("wandb", HALVING_POINTS, "point"),
             experiment=lambda w: w.point,
             gpus=config["resources"]["gpu"],
-            checkpoint_dir=lambda w: f"results/{w.point}/checkpoints",
+            checkpoint_dir=checkpoints_of("point"),
         log:
-            "results/{point}/logs/train_rung0.log",
+            layout.experiment_path("{point}", "logs/train_rung0.log"),
         benchmark:
-            "results/{point}/benchmarks/train_rung0.tsv"
+            layout.experiment_path("{point}", "benchmarks/train_rung0.tsv")
         wildcard_constraints:
             point=experiment_name_re(config),
         threads: config["resources"]["threads"]
@@ -62,7 +62,7 @@ if HALVING:
         conda:
             ENV
         script:
-            "../workflow_scripts/evaluation/halving.py"
+            "../workflow_scripts/sweeps/promote.py"
 
     rule train_rung:
         input:
@@ -73,18 +73,18 @@ if HALVING:
         output:
             record=HALVING.slot_record,
         params:
-            halving=rung_job(rung="middle"),
+            halving=rung_job("slot"),
             # the point's training/peft and checkpoint folder come from its record (the promotion names it)
             training=None,
             peft=None,
-            wandb=config["wandb"],
+            wandb=HALVING_DATA.config["wandb"],  # not sweepable: every point's
             experiment=None,
             gpus=config["resources"]["gpu"],
             checkpoint_dir=None,
         log:
-            f"{HALVING.folder}/logs/rung-{{rung}}-slot-{{slot}}.log",
+            f"{HALVING.folder}/logs/{layout.SLOT_JOB}.log",
         benchmark:
-            f"{HALVING.folder}/benchmarks/rung-{{rung}}-slot-{{slot}}.tsv"
+            f"{HALVING.folder}/benchmarks/{layout.SLOT_JOB}.tsv"
         wildcard_constraints:
             rung=r"\d+",
             slot=r"\d+",
@@ -113,10 +113,10 @@ if HALVING:
             ),
             run_info=exp_path("training/run.json"),
         params:
-            halving=rung_job(rung="last"),
+            halving=rung_job("finalist"),
             training=None,
             peft=None,
-            wandb=config["wandb"],
+            wandb=setting("wandb"),
             experiment=lambda w: w.experiment,
             gpus=config["resources"]["gpu"],
             checkpoint_dir=None,
@@ -125,7 +125,7 @@ if HALVING:
         benchmark:
             bench_of("train")
         wildcard_constraints:
-            experiment=f"sweeps/{re.escape(HALVING.sweep)}/{experiments.FINALIST_RE}",
+            experiment=HALVING.finalist_re,
         threads: config["resources"]["threads"]
         resources:
             **resources_for("train", gpu=True),

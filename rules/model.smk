@@ -42,8 +42,7 @@ rule train:
         experiment=lambda w: w.experiment,
         # > 1 launches one training process per GPU (accelerate launch)
         gpus=config["resources"]["gpu"],
-        # Outside the outputs: Snakemake must not delete them when a run dies (resume reads them).
-        checkpoint_dir=lambda w: f"results/{w.experiment}/checkpoints",
+        checkpoint_dir=checkpoints_of("experiment"),
     log:
         log_of("train"),
     benchmark:

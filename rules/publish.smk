@@ -1,5 +1,5 @@
 # Opt-in targets, never part of `all`: on the experiment, or after a sweep on the winner in its
-# best.json or the point `sweep.act_on` names (workflow_scripts/winner.py picks it at run time;
+# best.json or the point `sweep.act_on` names (workflow_scripts/sweeps/winner.py picks it at run time;
 # their paths and inputs: rules/common.smk):
 #   snakemake --cores 2 export_gguf                                   (after `make setup-export`)
 #   snakemake --cores 1 push_to_hub --config 'hub={repo_id: me/model}'
@@ -37,7 +37,7 @@ rule push_to_hub:
         report=pub("hub/push_report.json"),
         card=pub("hub/README.md"),
     params:
-        hub=config["hub"],
+        hub=PRIMARY.config["hub"],
         # GGUF files are uploaded when export_gguf has run for this deployment model (checked by
         # the weights' hash in its report); exporting stays opt-in.
         export_report=rules.export_gguf.output.report,

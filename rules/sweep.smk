@@ -1,32 +1,8 @@
-# Many experiments: the leaderboard of a sweep, and (when the winner is chosen by a generation
-# metric) each point's evaluation on the validation split. The test split never picks the winner.
-
-
-rule eval_validation:
-    input:
-        model_dir=rules.merge.output.deployment_dir,
-        prompts=lambda w: f"{exp(w).formatted}/validation_prompts.parquet",
-    output:
-        evaluation=exp_path("evaluation/validation_evaluation.json"),
-        predictions=exp_path("evaluation/validation_predictions.jsonl"),
-    params:
-        evaluation=eval_settings,
-        label="validation",
-    log:
-        log_of("eval_validation"),
-    benchmark:
-        bench_of("eval_validation")
-    threads: config["resources"]["threads"]
-    resources:
-        **resources_for("model", gpu=True),
-    conda:
-        ENV
-    script:
-        "../workflow_scripts/evaluation/evaluate_model.py"
-
+# Many experiments: the leaderboard of a sweep (rows per point, the winner chosen on validation
+# into best.json). The test split never picks the winner.
 
 if SWEEP:
-    SWEEP_DIR = f"results/sweeps/{SWEEP['name']}"
+    SWEEP_DIR = layout.sweep_dir(SWEEP["name"])
     POINTS = list(EXPERIMENTS)
     BY_METRIC = SWEEP["select_by"] != "eval_loss"
 
@@ -42,7 +18,7 @@ if SWEEP:
             records=[f for r in range(HALVING.last) for f in HALVING.records(r)] if HALVING else [],
             promotions=[HALVING.promotion(r) for r in range(HALVING.last)] if HALVING else [],
         output:
-            json=f"{SWEEP_DIR}/leaderboard.json",
+            json=f"{SWEEP_DIR}/{layout.LEADERBOARD}",
             markdown=report(
                 f"{SWEEP_DIR}/leaderboard.md",
                 caption="report/leaderboard.rst",
@@ -62,10 +38,10 @@ if SWEEP:
                 category="Sweep",
                 labels={"figure": "validation loss"},
             ),
-            best=f"{SWEEP_DIR}/best.json",
+            best=f"{SWEEP_DIR}/{layout.BEST}",
             **(
                 {
-                    "halving": f"{SWEEP_DIR}/halving.json",
+                    "halving": f"{SWEEP_DIR}/{layout.HALVING_SUMMARY}",
                     "rungs_plot": report(
                         f"{SWEEP_DIR}/rungs.png",
                         caption="report/rungs.rst",
@@ -80,8 +56,9 @@ if SWEEP:
             points=POINTS,  # the experiments: every point, or a halving sweep's finalists
             halving=HALVING.plan() if HALVING else None,
             sweep=SWEEP,
-            evaluation=config["evaluation"],
-            general=config["general_ability"],  # tolerance / exclude_from_winning (rules/general.smk)
+            # each point's own (a sweep may vary evaluation): its rows' intervals, as its compare's
+            evaluation=[e.config["evaluation"] for e in EXPERIMENTS.values()],
+            general=PRIMARY.config["general_ability"],  # not sweepable: tolerance / exclude_from_winning
         log:
             f"{SWEEP_DIR}/logs/leaderboard.log",
         threads: 1
@@ -90,6 +67,6 @@ if SWEEP:
         conda:
             ENV
         script:
-            "../workflow_scripts/evaluation/leaderboard.py"
+            "../workflow_scripts/sweeps/leaderboard.py"
 
     ALL_TARGETS.extend(rules.leaderboard.output)

@@ -28,15 +28,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from workflow_scripts.config import ConfigError, check_messages_format
+from workflow_scripts.checks import check_messages_format
 from workflow_scripts.data.sources import (
     SPLIT_KEYWORDS,
     SourceError,
     carve_counts,
     local_split_files,
-    looks_local,
+)
+from workflow_scripts.data.sources import (
+    is_local_dataset as looks_local,
 )
 from workflow_scripts.data.templates import render_template
+from workflow_scripts.errors import ConfigError
 from workflow_scripts.stage import StageError
 
 LEGACY_COMMIT = "f124a227f677fb221c5077eb417cfa7599b94283"

@@ -225,7 +225,7 @@ def test_prediction_rows_carry_parsed_answer_and_rule(
         assert {"parsed_answer", "answer_rule", "correct"} <= set(row)
         assert row["correct"] == judge(row["prediction"], row["reference"]).correct
     # an unknown mode never reaches the stage: the schema refuses it when the workflow loads
-    from workflow_scripts.config import ConfigError
+    from workflow_scripts.errors import ConfigError
 
     with pytest.raises(ConfigError, match="evaluation.answer_match"):
         resolved_config({"evaluation": {"answer_match": "approximate"}})

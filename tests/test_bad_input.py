@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO, sample_rows
 
-from workflow_scripts import checks, trainer_fields
-from workflow_scripts.config import ConfigError, load_schema
+from workflow_scripts import checks, layout, trainer_fields
+from workflow_scripts.config import load_schema
 from workflow_scripts.data import sources
 from workflow_scripts.data.download_dataset import load_local
 from workflow_scripts.data.streams import Progress
-from workflow_scripts.experiments import COMPARE_ONLY, expand, point_names  # noqa: F401
+from workflow_scripts.errors import ConfigError
+from workflow_scripts.layout import COMPARE_ONLY  # noqa: F401
+from workflow_scripts.sweeps.points import expand, point_names  # noqa: F401
 
 TOKEN = "hf_" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2"
 
@@ -212,10 +214,10 @@ def test_folders_of_the_workflow_are_not_experiment_names(resolved_config, name)
 def test_sweep_point_names_stay_short_and_distinct_whatever_the_values(values):
     names = point_names([{"messages_format.messages_format.system_prompt": v} for v in values])
     assert len(set(names)) == len(names)
-    assert all(len(n) <= checks.COMPONENT_MAX_CHARS for n in names)
+    assert all(len(n) <= layout.COMPONENT_MAX_CHARS for n in names)
     many = {f"training.k{i}": "v" * 60 for i in range(20)}  # many keys
     (name,) = point_names([many])
-    assert len(name) <= checks.COMPONENT_MAX_CHARS
+    assert len(name) <= layout.COMPONENT_MAX_CHARS
     assert point_names([many]) == [name]  # a function of the point alone
 
 
@@ -230,7 +232,7 @@ def test_a_long_prompt_sweep_lays_out_within_the_limits(resolved_config):
     )
     for exp in expand(config):
         paths = [exp.root, *exp.artifacts()["shared"].values()]
-        assert all(len(part) <= checks.COMPONENT_MAX_CHARS for p in paths for part in Path(p).parts)
+        assert all(len(part) <= layout.COMPONENT_MAX_CHARS for p in paths for part in Path(p).parts)
 
 
 def test_derived_names_are_cut(tmp_path, resolved_config, tiny_model_dir):
@@ -239,7 +241,7 @@ def test_derived_names_are_cut(tmp_path, resolved_config, tiny_model_dir):
     data = write_jsonl(tmp_path / ("d" * 240 + ".jsonl"), 300)
     (exp,) = expand(resolved_config({"model": {"id": str(deep)}, "dataset": {"id": str(data)}}))
     for path in [exp.root, *exp.artifacts()["shared"].values()]:
-        assert all(len(part) <= checks.COMPONENT_MAX_CHARS for part in Path(path).parts), path
+        assert all(len(part) <= layout.COMPONENT_MAX_CHARS for part in Path(path).parts), path
 
 
 # ---------------------------------------------------------------- 4. keys the training stage manages

@@ -4,9 +4,11 @@ import pytest
 import yaml
 from conftest import REPO
 
-from workflow_scripts.config import ConfigError, load_and_resolve, template_fields
+from workflow_scripts.checks import template_fields
+from workflow_scripts.config import load_and_resolve
 from workflow_scripts.data import templates
 from workflow_scripts.data.templates import TemplateError, render_template
+from workflow_scripts.errors import ConfigError
 
 
 def test_default_config_resolves_with_defaults_filled(resolved_config):

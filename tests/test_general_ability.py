@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 
-from workflow_scripts.config import ConfigError
+from workflow_scripts.errors import ConfigError
 from workflow_scripts.evaluation import general_ability, general_compare, general_items
-from workflow_scripts.evaluation.leaderboard import build, to_markdown, write_csv
 from workflow_scripts.stage import Job, StageError
+from workflow_scripts.sweeps.leaderboard import build, to_markdown, write_csv
 
 QUESTIONS = [
     ("Which animal barks?", ["dog", "cat", "fish"], 0),
@@ -260,7 +260,7 @@ def test_task_names_are_checked_at_load(resolved_config, local_task):
 
 
 def test_layout_shares_the_base_measurement(resolved_config):
-    from workflow_scripts.experiments import layout
+    from workflow_scripts.layout import locate as layout
 
     config = resolved_config()
     a = layout("a", config)
@@ -297,6 +297,7 @@ def _point(name, eval_loss, general_delta, lo, hi, flagged):
         "predictions": preds,
         "comparison": comparison,
         "deployment": f"results/sweeps/s/{name}/deployment_model",
+        "bootstrap": {"samples": 200, "seed": 0},
     }
 
 
@@ -307,7 +308,7 @@ def test_sweep_flags_a_harmful_point_and_can_exclude_it(tmp_path):
         _point("learning_rate~0.0003", 0.30, 0.01, -0.01, 0.03, False),
         _point("learning_rate~0.05", 0.20, 1.8, 1.5, 2.1, True),
     ]
-    board = build(points, "eval_loss", 200, 0, {"exclude_from_winning": False})
+    board = build(points, "eval_loss", {"exclude_from_winning": False})
     assert board["selected"] == "sweeps/s/learning_rate~0.05"
     assert board["general_ability"]["flagged"] == ["sweeps/s/learning_rate~0.05"]
     row = next(r for r in board["points"] if r["selected"])
@@ -315,7 +316,7 @@ def test_sweep_flags_a_harmful_point_and_can_exclude_it(tmp_path):
     text = to_markdown(board, "s")
     assert "## General ability" in text and "+1.800 [+1.500, +2.100] **flagged**" in text
 
-    board = build(points, "eval_loss", 200, 0, {"exclude_from_winning": True})
+    board = build(points, "eval_loss", {"exclude_from_winning": True})
     assert board["selected"] == "sweeps/s/learning_rate~0.0003"
     write_csv(board, tmp_path / "board.csv")
     header = (tmp_path / "board.csv").read_text().splitlines()[0]
@@ -324,4 +325,4 @@ def test_sweep_flags_a_harmful_point_and_can_exclude_it(tmp_path):
     )
 
     with pytest.raises(Exception, match="every point loses general ability"):
-        build([points[1]], "eval_loss", 200, 0, {"exclude_from_winning": True})
+        build([points[1]], "eval_loss", {"exclude_from_winning": True})

@@ -3,8 +3,8 @@
 import pytest
 from conftest import planned_rules, smk, tree_digest, write_config
 
-from workflow_scripts.config import ConfigError
-from workflow_scripts.experiments import model_dir
+from workflow_scripts.errors import ConfigError
+from workflow_scripts.layout import model_dir
 
 HF = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7"
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from workflow_scripts.evaluation import halving, leaderboard
-from workflow_scripts.experiments import halving_slots
 from workflow_scripts.stage import Job, StageError
+from workflow_scripts.sweeps import leaderboard
+from workflow_scripts.sweeps import promote as halving
+from workflow_scripts.sweeps.plan import halving_slots
 
 SWEEP = "sweeps/s"
 RUNGS = [4, 12, 36]
@@ -217,6 +218,7 @@ def _finalist(info: dict, correct: list[int]) -> dict:
         "validation_eval": None,
         "comparison": {"metrics": {}},
         "deployment": f"results/{info['experiment']}/deployment_model",
+        "bootstrap": {"samples": 200, "seed": 0},
     }
 
 
@@ -224,7 +226,7 @@ def test_leaderboard_lists_finalists_by_point_then_pruned_points_with_their_rung
     plan, records, _, promotions, run_infos = simulate()
     summary = halving.summary(plan, records, run_infos, promotions)
     finalists = [_finalist(run_infos[0], [1, 0, 1, 1]), _finalist(run_infos[1], [1, 1, 1, 1])]
-    board = leaderboard.build(finalists, "eval_loss", 200, 0, None, summary)
+    board = leaderboard.build(finalists, "eval_loss", None, summary)
     assert board["strategy"] == "halving" and board["selected"] == f"{SWEEP}/lr~2"
     rows = board["points"]
     assert [r["experiment"] for r in rows] == [f"{SWEEP}/lr~{i}" for i in (2, 3, 4, 6, 8, 1, 5, 7)]
@@ -253,12 +255,12 @@ def test_leaderboard_lists_finalists_by_point_then_pruned_points_with_their_rung
     # a finalist whose run.json does not name its point cannot be placed
     broken = [_finalist({k: v for k, v in run_infos[0].items() if k != "point"}, [1]), finalists[1]]
     with pytest.raises(StageError, match="finalist-0's training/run.json has no 'point'"):
-        leaderboard.build(broken, "eval_loss", 200, 0, None, summary)
+        leaderboard.build(broken, "eval_loss", None, summary)
 
 
 def test_grid_rows_have_no_rung_and_their_own_folder():
     board = leaderboard.build(
-        [_finalist({"experiment": "sweeps/g/a", "final_eval_loss": 1.0}, [1, 0])], "eval_loss", 100, 0
+        [_finalist({"experiment": "sweeps/g/a", "final_eval_loss": 1.0}, [1, 0])], "eval_loss"
     )
     (row,) = board["points"]
     assert board["strategy"] == "grid" and "halving" not in board
@@ -321,7 +323,7 @@ def test_leaderboard_stage_writes_halving_json_rung_plot_and_best(tmp_path):
             "points": plan["finalists"],
             "halving": plan,
             "sweep": {"name": "s", "select_by": "eval_loss"},
-            "evaluation": {"bootstrap_samples": 100, "seed": 0},
+            "evaluation": [{"bootstrap_samples": 100, "seed": 0}] * len(plan["finalists"]),
             "general": None,
         },
     )

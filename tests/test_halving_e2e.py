@@ -14,8 +14,9 @@ import yaml
 from conftest import REPO, SNAKEMAKE, smk, snakemake_env, write_config
 
 from workflow_scripts import chat
-from workflow_scripts.config import ConfigError
-from workflow_scripts.experiments import expand, halving, halving_slots
+from workflow_scripts.errors import ConfigError
+from workflow_scripts.sweeps.plan import halving, halving_slots
+from workflow_scripts.sweeps.points import expand
 from workflow_scripts.training.checkpoints import checkpoint_is_complete
 
 

@@ -6,9 +6,9 @@ from conftest import with_defaults
 
 from workflow_scripts.config import load_schema
 from workflow_scripts.evaluation import compare as compare_stage
-from workflow_scripts.evaluation import leaderboard
 from workflow_scripts.evaluation.metrics import METRICS, METRICS_DIR, PAIRED, UNPAIRED, VALUES, score
 from workflow_scripts.stage import StageError
+from workflow_scripts.sweeps import leaderboard
 
 
 def test_schema_enums_name_the_registered_metrics():
@@ -85,11 +85,10 @@ def test_compare_and_leaderboard_report_every_metric(scored, tmp_path):
             "validation_eval": None,
             "comparison": report,
             "deployment": f"results/{name}/deployment_model",
+            "bootstrap": {"samples": 200, "seed": 0},
         }
 
-    board = leaderboard.build(
-        [point("a", 1.0, base), point("b", 0.5, tuned)], "eval_loss", samples=200, seed=0
-    )
+    board = leaderboard.build([point("a", 1.0, base), point("b", 0.5, tuned)], "eval_loss")
     a = next(p for p in board["points"] if p["experiment"] == "a")
     assert set(a["test"]) == set(a["vs_selected"]) == set(a["vs_base"]) == set(PAIRED.values())
     assert leaderboard.metric_names(board) == list(PAIRED.values())

@@ -23,7 +23,7 @@ from legacy_data_stages import legacy_download, legacy_format, legacy_preprocess
 
 from workflow_scripts.data import download_dataset, format_dataset, preprocess_dataset, sources
 from workflow_scripts.data.sources import SourceError
-from workflow_scripts.experiments import format_settings
+from workflow_scripts.layout import format_settings
 from workflow_scripts.stage import Job, StageError
 
 SPLITS = ("train", "validation", "test")

@@ -6,9 +6,9 @@ import re
 import pytest
 from conftest import smk, write_config
 
-from workflow_scripts.config import ConfigError
-from workflow_scripts.evaluation import leaderboard
-from workflow_scripts.experiments import expand, point_names, point_overrides
+from workflow_scripts.errors import ConfigError
+from workflow_scripts.sweeps import leaderboard
+from workflow_scripts.sweeps.points import expand, point_names, point_overrides
 
 
 def plan(workdir, *configfiles) -> dict[str, int]:
@@ -204,6 +204,7 @@ def _point(name, val_loss, correct, val_metric=None):
         "validation_eval": {"metrics": {"answer_accuracy": val_metric}} if val_metric is not None else None,
         "comparison": {"metrics": {}},
         "deployment": f"results/{name}/deployment_model",
+        "bootstrap": {"samples": 500, "seed": 0},
     }
 
 
@@ -214,14 +215,12 @@ def test_the_winner_is_chosen_on_validation_never_on_test():
         _point("b", 0.9, [1, 0, 1, 0, 0, 0, 1, 0], val_metric=0.20),
         _point("c", 1.0, [1, 1, 1, 1, 1, 1, 1, 0], val_metric=0.50),
     ]
-    board = leaderboard.build(points, "eval_loss", samples=500, seed=0)
+    board = leaderboard.build(points, "eval_loss")
     assert board["selected"] == "b" and board["higher_is_better"] is False
     assert [p["experiment"] for p in board["points"]] == ["b", "c", "a"]
     c = next(p for p in board["points"] if p["experiment"] == "c")
     assert c["vs_selected"]["answer_accuracy"]["delta"] == pytest.approx(0.5)
-    board = leaderboard.build(
-        points, {"metric": "answer_accuracy", "split": "validation"}, samples=500, seed=0
-    )
+    board = leaderboard.build(points, {"metric": "answer_accuracy", "split": "validation"})
     assert board["selected"] == "c" and board["higher_is_better"] is True
     md = leaderboard.to_markdown(board, "s")
     assert "validation answer_accuracy (higher wins)" in md and md.count("**selected**") == 1
@@ -231,4 +230,4 @@ def test_a_point_without_validation_loss_is_an_error():
     from workflow_scripts.stage import StageError
 
     with pytest.raises(StageError, match="has no validation loss"):
-        leaderboard.build([_point("a", None, [1, 0])], "eval_loss", samples=100, seed=0)
+        leaderboard.build([_point("a", None, [1, 0])], "eval_loss")

@@ -4,9 +4,10 @@ import re
 
 import pytest
 
-from workflow_scripts.config import ConfigError
-from workflow_scripts.experiments import SHARED_FOLDER_RE, SWEEPABLE, expand, experiment_name_re
-from workflow_scripts.sampling import sample_points
+from workflow_scripts.errors import ConfigError
+from workflow_scripts.layout import SHARED_FOLDER_RE, experiment_name_re
+from workflow_scripts.sweeps.points import SWEEPABLE, expand
+from workflow_scripts.sweeps.sampling import sample_points
 
 SPACE = {
     "training.learning_rate": {"log_range": [1e-5, 1e-2], "int": False},

@@ -8,7 +8,8 @@ import pytest
 from conftest import REPO
 
 from workflow_scripts import trainer_fields
-from workflow_scripts.config import ConfigError, check_trainer_section
+from workflow_scripts.checks import check_trainer_section
+from workflow_scripts.errors import ConfigError
 from workflow_scripts.trainer_fields import OWN_KEYS, allowed_keys, max_steps_problem, problems
 
 

@@ -8,9 +8,10 @@ import pytest
 import yaml
 from conftest import copy_run, new_workflow, planned_rules, preprocessed_rows, sample_rows, smk, write_config
 
-from workflow_scripts.config import ConfigError, coerce_cli_strings
+from workflow_scripts.config import coerce_cli_strings
 from workflow_scripts.data import download_dataset
 from workflow_scripts.data.sources import SourceError, local_split_files, read_rows, split_of
+from workflow_scripts.errors import ConfigError
 from workflow_scripts.stage import Job, StageError
 
 SPLITS = ("train", "validation", "test")

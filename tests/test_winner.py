@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, build_tokenizer, save_lively_model, smk, write_config
 
-from workflow_scripts import chat, winner
+from workflow_scripts import chat
 from workflow_scripts.stage import Job, StageError
+from workflow_scripts.sweeps import winner
 
 GRID = [
     "sweeps/s/learning_rate~0.001_r~4",

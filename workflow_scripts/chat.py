@@ -27,12 +27,12 @@ import os
 import sys
 from pathlib import Path
 
-from workflow_scripts.evaluation.prompt_format import EXPERIMENT_INDEX, PromptFormat, prompt_format
+from workflow_scripts import layout
+from workflow_scripts.evaluation.prompt_format import PromptFormat, prompt_format
+from workflow_scripts.layout import BEST, EXPERIMENT_INDEX, LEADERBOARD
 
 PROG = "snaketune-chat"
 EVALUATION = "evaluation/finetuned_model_evaluation.json"
-BEST = "best.json"  # in results/sweeps/{sweep}/: the sweep's winner (its leaderboard writes it)
-LEADERBOARD = "leaderboard.json"  # beside it: every point, the finished ones with their folders
 DEPLOYMENT_MODEL = "deployment_model"  # in a point's folder
 
 
@@ -53,17 +53,17 @@ def sweep_model(sweep_dir: Path, point: str | None) -> tuple[Path, str]:
     finished point ``point`` names. The candidates are the finished rows of the sweep's leaderboard
     (a grid's points, a halving sweep's finalists), never whatever folders lie there: a sweep
     re-planned under the same name leaves the old plan's folders behind."""
-    from workflow_scripts import winner
     from workflow_scripts.stage import StageError
+    from workflow_scripts.sweeps import winner
 
     board = sweep_dir / LEADERBOARD
     if not board.is_file():
         raise ChatError(
             f"{sweep_dir}: no {LEADERBOARD}: the sweep has not finished (its leaderboard writes it)"
         )
-    workdir = sweep_dir.resolve().parents[2]  # the folder holding results/sweeps/{name}
+    workdir = layout.workdir_of_sweep(sweep_dir)
     candidates = {
-        row["results_dir"].removeprefix("results/"): {"root": str(workdir / row["results_dir"])}
+        layout.experiment_of_root(row["results_dir"]): {"root": str(workdir / row["results_dir"])}
         for row in json.loads(board.read_text())["points"]
         if row["selection_value"] is not None  # trained to the end (pruned points have none)
     }
@@ -71,7 +71,7 @@ def sweep_model(sweep_dir: Path, point: str | None) -> tuple[Path, str]:
         choice = winner.choose(sweep_dir / BEST, point or "best", candidates, key="--point")
     except StageError as exc:
         raise ChatError(str(exc)) from None
-    what = "the winner in best.json" if point is None else "--point"
+    what = f"the winner in {BEST}" if point is None else "--point"
     return Path(choice.candidate["root"]) / DEPLOYMENT_MODEL, f"point {choice.point} ({what})"
 
 
@@ -224,7 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "model",
-        help="results/<experiment>/deployment_model, a .gguf file, or a sweep folder results/sweeps/<name> "
+        help=f"{layout.experiment_path('<experiment>', 'deployment_model')}, a .gguf file, or a sweep folder "
+        f"{layout.sweep_dir('<name>')} "
         "(its winner)",
     )
     parser.add_argument(
@@ -235,7 +236,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--system", help="system prompt to use instead of the experiment's")
     parser.add_argument(
         "--experiment",
-        help="results/<experiment> folder to read the prompt format from (default: next to the model)",
+        help=f"{layout.experiment_root('<experiment>')} folder to read the prompt format from (default: next to the model)",
     )
     parser.add_argument(
         "--max-new-tokens",
@@ -277,9 +278,9 @@ def _main(args) -> int:
         model_path, acted_on = sweep_model(model_path, args.point)
     elif args.point is not None:
         raise ChatError(
-            f"--point: {model_path} is not a sweep folder (results/sweeps/<name>, holding {BEST})"
+            f"--point: {model_path} is not a sweep folder ({layout.sweep_dir('<name>')}, holding {BEST})"
         )
-    elif model_path.is_dir() and model_path.parent.name == "sweeps":
+    elif model_path.is_dir() and layout.is_sweep_dir(model_path):
         raise ChatError(f"{model_path}: no {BEST}: the sweep has not finished (its leaderboard writes it)")
     check_model_path(model_path)
     experiment = Path(args.experiment) if args.experiment else find_experiment(model_path)
@@ -306,7 +307,7 @@ def _main(args) -> int:
     if fmt.source is None and args.system is None:
         print(
             f"{PROG}: note: no experiment data next to {model_path}; chatting without its system prompt "
-            "(use --experiment results/<experiment> or --system)",
+            f"(use --experiment {layout.experiment_root('<experiment>')} or --system)",
             file=sys.stderr,
         )
     if one_shot:

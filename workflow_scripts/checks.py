@@ -8,33 +8,40 @@
   evaluation.bertscore_model, training.accelerate_config);
 - no split is left empty by the carving ratios (with the rows of local files where they are
   cheap to count);
-- generation fits the model's context window where the window is known at load (a local model).
+- generation fits the model's context window where the window is known at load (a local model);
+- the sections the schema only shapes: TRL / PEFT keys and values (read from ``trainer_keys.json``,
+  trainer_fields.py: importing TRL at every launch would make a no-op `snakemake -n` slow), the
+  split ratios, the messages format and filters, a local dataset's files, the general-ability tasks.
 
 Each check raises ConfigError with one line naming the key, file or value at fault, before any
-job runs. `config.check_semantics` calls them (also for every sweep point).
+job runs. config.py runs `check_semantics` after the schema (also for every sweep point, through
+`config.revalidate`) and `check_general_ability` once per load.
 """
 
 import json
 import math
+import re
 from pathlib import Path
 
-from workflow_scripts.config import ConfigError, _walk, check_safe_name
+from workflow_scripts import layout, trainer_fields
+from workflow_scripts.data import sources, templates
+from workflow_scripts.errors import ConfigError
+
+# general_ability.tasks is checked by the task readers themselves (they know lm-eval's formats)
+from workflow_scripts.evaluation.general_items import check_general_ability  # noqa: F401
 
 # A path component holds 255 bytes on common filesystems (ext4, xfs, btrfs, APFS, NTFS). A name
 # the user gives becomes part of longer components (`{model}-{experiment}-q8_0.gguf`, hidden
 # `.{name}.tmp-xxxxxxxx` siblings), so each is kept well below: two names plus suffixes still fit.
 NAME_MAX_CHARS = 100
-# The longest folder name the layout may build (derived names, sweep points): the rest of 255
-# bytes is for the hidden temporary siblings of atomic writes.
-COMPONENT_MAX_CHARS = 200
 # Folders of results/ the workflow itself writes: an experiment of that name would mix its
 # artifacts into them (`sweeps` next to a sweep named like a stage folder would nest one in the other).
-RESERVED_EXPERIMENT_NAMES = ("shared", "sweeps")
+RESERVED_EXPERIMENT_NAMES = (layout.SHARED_FOLDER, layout.SWEEPS)
 
 
 def check_finite(config: dict) -> None:
     """Every number in the config is finite (also inside TRL/PEFT fields and sweep values)."""
-    for path, value in _walk(config, ""):
+    for path, value in walk(config, ""):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{path}: {value} is not a finite number (.nan and .inf are refused)")
 
@@ -51,13 +58,13 @@ def check_name_length(name: str, key: str, limit: int = NAME_MAX_CHARS) -> str:
 def check_names(config: dict) -> None:
     """Names the user gives: safe as a folder name, not too long, not reserved for the workflow's
     own folders. (model.id is checked as a file or Hub id by check_named_files.)"""
-    experiment = check_safe_name(config["experiment"], "experiment")
+    experiment = layout.check_safe_name(config["experiment"], "experiment")
     if config["model"].get("name") is not None:
-        check_safe_name(config["model"]["name"], "model.name")
+        layout.check_safe_name(config["model"]["name"], "model.name")
     check_name_length(experiment, "experiment")
     if experiment.lower() in RESERVED_EXPERIMENT_NAMES:
         raise ConfigError(
-            f"experiment: {experiment!r} is a folder the workflow uses (results/{experiment.lower()}/); "
+            f"experiment: {experiment!r} is a folder the workflow uses ({layout.experiment_root(experiment.lower())}/); "
             f"choose another name (reserved: {', '.join(RESERVED_EXPERIMENT_NAMES)})"
         )
     for section, key in (("model", "name"), ("export", "name")):
@@ -67,17 +74,6 @@ def check_names(config: dict) -> None:
     sweep = config.get("sweep")
     if isinstance(sweep, dict) and isinstance(sweep.get("name"), str):
         check_name_length(sweep["name"], "sweep.name")
-
-
-def check_folder_lengths(paths: dict[str, str], where: str) -> None:
-    """Every folder name of an experiment's layout fits (derived and sweep point names included)."""
-    for what, path in paths.items():
-        for part in Path(path).parts:
-            if len(part.encode()) > COMPONENT_MAX_CHARS:
-                raise ConfigError(
-                    f"{where}: the {what} folder name {part[:40]!r}... is {len(part.encode())} characters; "
-                    f"at most {COMPONENT_MAX_CHARS} fit a path component"
-                )
 
 
 # ---------------------------------------------------------------- files the config names
@@ -140,14 +136,12 @@ def check_named_files(config: dict) -> None:
 
 def check_split_sizes(dataset: dict, found: dict[str, list[str]] | None) -> None:
     """No split is carved empty. ``found``: a local dataset's files per split (None for the Hub)."""
-    from workflow_scripts.data.sources import SPLITS, carve_counts, count_rows
-
     ratios = dataset["split"]
     if found is None:  # a Hub dataset: its splits are known only once downloaded, unless named
         names = dataset.get("split_names")
         if not names:
             return
-        present = {s for s in SPLITS if names.get(s)}
+        present = {s for s in sources.SPLITS if names.get(s)}
     else:
         present = set(found)
     missing = [s for s in ("validation", "test") if s not in present]
@@ -161,10 +155,10 @@ def check_split_sizes(dataset: dict, found: dict[str, list[str]] | None) -> None
             )
     if found is None:
         return
-    rows = count_rows(found["train"])
+    rows = sources.count_rows(found["train"])
     if rows is None:  # not cheap to count (csv, json arrays, large files): download_dataset checks
         return
-    counts = carve_counts(rows, ratios, missing)
+    counts = sources.carve_counts(rows, ratios, missing)
     for s, n in counts.items():
         if n == 0:
             raise ConfigError(
@@ -206,7 +200,7 @@ def check_generation_length(config: dict) -> None:
 
 def check_home_paths(config: dict) -> None:
     """A `~user/...` path names a user this machine knows (Path.expanduser would raise mid-check)."""
-    for path, value in _walk(config, ""):
+    for path, value in walk(config, ""):
         if isinstance(value, str) and value.startswith("~"):
             try:
                 Path(value).expanduser()
@@ -224,3 +218,114 @@ def check_all(config: dict, local_files: dict[str, list[str]] | None) -> None:
         check_hub_id(config["dataset"]["id"], "dataset.id")
     check_split_sizes(config["dataset"], local_files)
     check_generation_length(config)
+
+
+def template_fields(template: str, where: str) -> list[str]:
+    """Placeholder names of a config template (data/templates.py); a malformed one is a ConfigError."""
+    try:
+        return templates.template_fields(template, where)
+    except templates.TemplateError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_trainer_section(section: str, values: dict) -> None:
+    """`training` / `peft`: key names and passed-through values (trainer_fields.py knows them)."""
+    if found := trainer_fields.problems(section, values):
+        raise ConfigError(found[0])
+
+
+def check_semantics(config: dict) -> None:
+    """Checks JSON schema cannot express; each names the key at fault."""
+    for section in ("training", "peft"):
+        check_trainer_section(section, config[section])
+
+    split = config["dataset"]["split"]
+    total = split["train"] + split["validation"] + split["test"]
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(
+            f"dataset.split: train + validation + test must sum to 1, got {total:g} "
+            f"({split['train']} + {split['validation']} + {split['test']})"
+        )
+
+    check_messages_format(config["messages_format"], config["filters"])
+    check_answer_regex(config["filters"])
+    check_home_paths(config)  # before any check expands a path
+    check_all(config, check_local_dataset(config["dataset"]))
+
+
+def check_answer_regex(filters: dict) -> None:
+    if filters.get("answer_regex") is not None:
+        try:
+            re.compile(filters["answer_regex"])
+        except re.error as exc:
+            raise ConfigError(
+                f"filters.answer_regex: {filters['answer_regex']!r} is not a valid regex ({exc})"
+            ) from None
+
+
+def walk(value, path: str):
+    """(dotted path, value) of every leaf of the config."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from walk(v, f"{path}[{i}]")
+    else:
+        yield path, value
+
+
+def check_local_dataset(dataset: dict) -> dict[str, list[str]] | None:
+    """A local dataset's files per split are known at load: an unrecognised file fails here.
+    Returns them (None for a Hub dataset)."""
+    try:
+        if not sources.is_local_dataset(dataset["id"]):
+            sources.check_hub_data_files(dataset)
+            return None
+        if dataset["split_names"]:
+            raise ConfigError(
+                "dataset.split_names: only for Hub datasets; name local files with dataset.data_files"
+            )
+        return sources.local_split_files(dataset)[0]
+    except sources.SourceError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_messages_format(mf: dict, filters: dict) -> None:
+    """Templates use only defined placeholders; filters name only placeholders."""
+    messages = mf["messages_format"]["messages"]
+    if messages[-1]["role"] != "assistant":
+        raise ConfigError(
+            "messages_format.messages_format.messages: the last message must be the assistant's"
+        )
+    user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not user_turns:
+        raise ConfigError(
+            "messages_format.messages_format.messages: no user message; the prompt needs a user turn "
+            "with a {placeholder} of a question column"
+        )
+    defined = set(mf["training_columns"]) | {"system_prompt"}
+    for i, msg in enumerate(messages):
+        where = f"messages_format.messages_format.messages[{i}].content"
+        for name in template_fields(msg["content"], where):
+            if name not in defined:
+                raise ConfigError(
+                    f"{where}: unknown placeholder {{{name}}}; defined names: {', '.join(sorted(defined))}"
+                )
+            if name == "system_prompt" and mf["messages_format"].get("system_prompt") is None:
+                raise ConfigError(
+                    f"{where}: uses {{system_prompt}} but messages_format.system_prompt is not set"
+                )
+    row_names = set(mf["training_columns"])
+    for i, role in ((user_turns[-1], "user"), (len(messages) - 1, "assistant")):
+        where = f"messages_format.messages_format.messages[{i}].content"
+        if not set(template_fields(messages[i]["content"], where)) & row_names:
+            raise ConfigError(
+                f"{where}: the {role} message has no placeholder of a column "
+                f"({', '.join(sorted(row_names))}); every row would get the same {role} text"
+            )
+    names = ", ".join(sorted(mf["training_columns"]))
+    for key in ("min_chars", "max_chars"):
+        for name in filters.get(key) or {}:
+            if name not in mf["training_columns"]:
+                raise ConfigError(f"filters.{key}.{name}: not a placeholder name; names: {names}")

@@ -1,4 +1,8 @@
-"""Config resolution: .env, `file:` sections, environment overrides, schema and key checks.
+"""Config resolution: .env, `file:` sections, environment overrides, schema defaults, CLI coercion.
+
+What a valid config *means* is checked elsewhere, in one direction: the secret scan in
+credentials.py (first, so no later message quotes a secret), the schema here, then every semantic
+check in checks.py. Errors are errors.ConfigError.
 
 Called by the Snakefile at load time (before any job runs), and by tests. Loading must stay
 fast (a no-op `snakemake -n` is expected in seconds), so the accepted TRL / PEFT keys and
@@ -16,15 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from workflow_scripts import trainer_fields
-from workflow_scripts.credentials import (
-    SECRET_KEY_RE,
-    TOKEN_INSIDE_RE,
-    TOKEN_VALUE_RE,
-    env_secrets,
-    secret_values,
-)
-from workflow_scripts.data import templates
+from workflow_scripts import checks
+from workflow_scripts.credentials import check_no_secrets
+from workflow_scripts.errors import ConfigError
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -47,35 +45,6 @@ REPLACED_MAPPINGS = (
     ("filters", "min_chars"),
     ("filters", "max_chars"),
 )
-# A name used as a folder: no `.`/`..`, no leading dot, nothing that breaks paths or job names.
-SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-# Trainer keys that would let training talk to the Hub behind the opt-in push_to_hub rule.
-HUB_TRAINING_KEYS = re.compile(r"^(push_to_hub.*|hub_.*)$")
-# Shortest secret value looked for in the config (real HF / W&B tokens are 30+ characters; a short
-# CI placeholder such as HF_TOKEN=test would otherwise match the split named `test`).
-SECRET_MIN_CHARS = 8
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def check_safe_name(name: str, key: str) -> str:
-    """``name`` unchanged if it is safe as one folder name; ConfigError naming ``key`` otherwise."""
-    if not isinstance(name, str) or not SAFE_NAME_RE.fullmatch(name):
-        raise ConfigError(
-            f"{key}: {name!r} cannot be used as a folder name (letters, digits, `_`, `-`, `.`; "
-            "not starting with `.`; `.` and `..` are refused)"
-        )
-    return name
-
-
-def template_fields(template: str, where: str) -> list[str]:
-    """Placeholder names of a config template (data/templates.py); a malformed one is a ConfigError."""
-    try:
-        return templates.template_fields(template, where)
-    except templates.TemplateError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def load_env_file(path: str | os.PathLike = ".env") -> None:
@@ -136,168 +105,6 @@ def apply_env_overrides(config: dict) -> None:
             config.setdefault(section, {})[key] = os.environ[var]
 
 
-def check_trainer_section(section: str, values: dict) -> None:
-    """`training` / `peft`: key names and passed-through values (trainer_fields.py knows them)."""
-    if found := trainer_fields.problems(section, values):
-        raise ConfigError(found[0])
-
-
-def check_semantics(config: dict) -> None:
-    """Checks JSON schema cannot express; each names the key at fault."""
-    from workflow_scripts import checks  # it reads ConfigError from here
-
-    for section in ("training", "peft"):
-        check_trainer_section(section, config[section])
-
-    split = config["dataset"]["split"]
-    total = split["train"] + split["validation"] + split["test"]
-    if abs(total - 1.0) > 1e-6:
-        raise ConfigError(
-            f"dataset.split: train + validation + test must sum to 1, got {total:g} "
-            f"({split['train']} + {split['validation']} + {split['test']})"
-        )
-
-    check_messages_format(config["messages_format"], config["filters"])
-    check_answer_regex(config["filters"])
-    checks.check_home_paths(config)  # before any check expands a path
-    checks.check_all(config, check_local_dataset(config["dataset"]))
-
-
-def check_answer_regex(filters: dict) -> None:
-    if filters.get("answer_regex") is not None:
-        try:
-            re.compile(filters["answer_regex"])
-        except re.error as exc:
-            raise ConfigError(
-                f"filters.answer_regex: {filters['answer_regex']!r} is not a valid regex ({exc})"
-            ) from None
-
-
-def _walk(value, path: str):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from _walk(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _walk(v, f"{path}[{i}]")
-    else:
-        yield path, value
-
-
-def _strings(value, path: str):
-    """(path, text, is_key) of every string in the config: mapping keys (before their values) and
-    values, with numbers as text too."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield path, str(k), True
-            yield from _strings(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from _strings(v, f"{path}[{i}]")
-    elif value is not None and not isinstance(value, bool):
-        yield path, str(value), False
-
-
-def check_no_secrets(config: dict) -> None:
-    """Secrets are never config (Snakemake records the config in .snakemake/metadata): a value under
-    a key that names a credential, and a secret's value or a credential's shape anywhere inside a
-    key or value is refused. Runs before every other check, so no error message echoes a secret
-    (a refused key is named by the mapping that holds it)."""
-    training = config.get("training")
-    for key in training if isinstance(training, dict) else ():
-        if HUB_TRAINING_KEYS.match(key):
-            raise ConfigError(
-                f"training.{key}: pushing to the Hub from the trainer is refused; the opt-in "
-                "`push_to_hub` rule (hub.repo_id, private by default) is the one way out, and the "
-                "token comes from HF_TOKEN in the environment or .env"
-            )
-    whole = {s for s in env_secrets() if len(s) >= SECRET_MIN_CHARS}
-    inside = [s for s in secret_values() if len(s) >= SECRET_MIN_CHARS]
-    for path, text, is_key in _strings(config, ""):
-        if not text:
-            continue
-        # the key a value belongs to: `revision` for a sweep's `model.revision[0]` and for
-        # `sweep.samples.space.model.revision.choice[0]`
-        parts = re.sub(r"\[\d+\]", "", path).split(".")
-        leaf = parts[-2] if len(parts) > 1 and parts[-1] in ("choice", "range", "log_range") else parts[-1]
-        found = (
-            text in whole
-            or any(s in text for s in inside)
-            or TOKEN_INSIDE_RE.search(text)
-            or (TOKEN_VALUE_RE.match(text) and (is_key or not leaf.endswith("revision")))
-            or (not is_key and SECRET_KEY_RE.match(leaf))
-        )
-        if found:
-            where = f"a key of {path or 'the top level'}" if is_key else path
-            raise ConfigError(
-                f"{where}: looks like a secret or holds one; secrets are never config (they would be "
-                "recorded in .snakemake/metadata). Put it in .env or the environment (HF_TOKEN, WANDB_API_KEY)"
-            )
-
-
-def check_local_dataset(dataset: dict) -> dict[str, list[str]] | None:
-    """A local dataset's files per split are known at load: an unrecognised file fails here.
-    Returns them (None for a Hub dataset)."""
-    from workflow_scripts.data.sources import (
-        SourceError,
-        check_hub_data_files,
-        local_split_files,
-        looks_local,
-    )
-
-    try:
-        if not looks_local(dataset["id"]):
-            check_hub_data_files(dataset)
-            return None
-        if dataset["split_names"]:
-            raise ConfigError(
-                "dataset.split_names: only for Hub datasets; name local files with dataset.data_files"
-            )
-        return local_split_files(dataset)[0]
-    except SourceError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def check_messages_format(mf: dict, filters: dict) -> None:
-    """Templates use only defined placeholders; filters name only placeholders."""
-    messages = mf["messages_format"]["messages"]
-    if messages[-1]["role"] != "assistant":
-        raise ConfigError(
-            "messages_format.messages_format.messages: the last message must be the assistant's"
-        )
-    user_turns = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    if not user_turns:
-        raise ConfigError(
-            "messages_format.messages_format.messages: no user message; the prompt needs a user turn "
-            "with a {placeholder} of a question column"
-        )
-    defined = set(mf["training_columns"]) | {"system_prompt"}
-    for i, msg in enumerate(messages):
-        where = f"messages_format.messages_format.messages[{i}].content"
-        for name in template_fields(msg["content"], where):
-            if name not in defined:
-                raise ConfigError(
-                    f"{where}: unknown placeholder {{{name}}}; defined names: {', '.join(sorted(defined))}"
-                )
-            if name == "system_prompt" and mf["messages_format"].get("system_prompt") is None:
-                raise ConfigError(
-                    f"{where}: uses {{system_prompt}} but messages_format.system_prompt is not set"
-                )
-    row_names = set(mf["training_columns"])
-    for i, role in ((user_turns[-1], "user"), (len(messages) - 1, "assistant")):
-        where = f"messages_format.messages_format.messages[{i}].content"
-        if not set(template_fields(messages[i]["content"], where)) & row_names:
-            raise ConfigError(
-                f"{where}: the {role} message has no placeholder of a column "
-                f"({', '.join(sorted(row_names))}); every row would get the same {role} text"
-            )
-    names = ", ".join(sorted(mf["training_columns"]))
-    for key in ("min_chars", "max_chars"):
-        for name in filters.get(key) or {}:
-            if name not in mf["training_columns"]:
-                raise ConfigError(f"filters.{key}.{name}: not a placeholder name; names: {names}")
-
-
 def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None, user: dict | None = None) -> dict:
     """Resolve ``config`` in place and return it.
 
@@ -321,11 +128,8 @@ def resolve(config: dict, base_dir: str | os.PathLike = ".", validate=None, user
         from snakemake.utils import validate
     validate(config, str(SCHEMA_FILE))  # fills the schema's defaults in place
     config.setdefault("sweep", None)
-    check_semantics(config)
-    # once per load, not per sweep point: general_ability is not a sweepable section
-    from workflow_scripts.evaluation.general_items import check_general_ability  # it reads ConfigError
-
-    check_general_ability(config["general_ability"])
+    checks.check_semantics(config)
+    checks.check_general_ability(config["general_ability"])  # once per load: not a sweepable section
     sort_keys({k: v for k, v in config.items() if k != "sweep"})  # a sweep's grid keeps its order
     return config
 
@@ -335,7 +139,7 @@ def revalidate(config: dict) -> dict:
     its `sweep` section)."""
     check_no_secrets(config)
     check_schema(config)
-    check_semantics(config)
+    checks.check_semantics(config)
     sort_keys(config)
     return config
 
@@ -410,8 +214,6 @@ def check_schema(config: dict) -> None:
 
     schema = load_schema()
     coerce_cli_strings(config, schema)
-    from workflow_scripts import checks  # it reads ConfigError from here
-
     checks.check_finite(config)  # NaN passes every `minimum`; one message for every non-finite number
     validator = jsonschema.validators.validator_for(schema)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))

@@ -24,6 +24,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from workflow_scripts import layout
+
 KEYS_FILE = Path(__file__).with_name("trainer_keys.json")
 # snaketune's own keys inside `training` / `peft` (everything else must be a TRL / PEFT field).
 OWN_TRAINING_KEYS = {
@@ -39,7 +41,7 @@ OWN_KEYS = {"training": OWN_TRAINING_KEYS, "peft": OWN_PEFT_KEYS}
 # TRL / Trainer fields snaketune sets itself, or whose work it does itself -> what to use instead.
 # They are refused at load: passing them would be ignored (or clash with what the stage sets).
 MANAGED_TRAINING_KEYS = {
-    "output_dir": "checkpoints go to results/{experiment}/checkpoints",
+    "output_dir": f"checkpoints go to {layout.checkpoints('{experiment}')}",
     "resume_from_checkpoint": "a re-run resumes from the newest complete checkpoint by itself",
     "remove_unused_columns": "snaketune's collator needs its columns",
     "dataset_kwargs": "format_dataset prepares the data; the trainer does not",

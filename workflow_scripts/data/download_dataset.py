@@ -27,8 +27,8 @@ from workflow_scripts.data.sources import (
     SPLITS,
     SourceError,
     carve_counts,
+    is_local_dataset,
     local_split_files,
-    looks_local,
     row_batches,
     rows_as_text,
 )
@@ -321,7 +321,7 @@ def run(job: Job) -> dict[str, int]:
     scratch = Path(tempfile.mkdtemp(prefix=f".{Path(job.output.sources).name}.tmp-", dir=out_dir))
     try:
         reading = Progress("download_dataset: read")
-        load = load_local if looks_local(cfg["id"]) else load_hub
+        load = load_local if is_local_dataset(cfg["id"]) else load_hub
         spills, record = load(cfg, scratch, reading)
         reading.done()
         splits, carving = make_splits(spills, cfg)

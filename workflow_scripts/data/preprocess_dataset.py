@@ -15,9 +15,10 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workflow_scripts.config import ConfigError, check_messages_format
+from workflow_scripts.checks import check_messages_format
 from workflow_scripts.data.streams import DigestSet, ParquetSink, Progress, batches_of, digest
 from workflow_scripts.data.templates import render_template
+from workflow_scripts.errors import ConfigError
 from workflow_scripts.files import write_json
 from workflow_scripts.stage import Job, StageError, snakemake_main
 

@@ -51,7 +51,9 @@ class SourceError(ValueError):
     """Bad dataset input; the message names the key or file at fault."""
 
 
-def looks_local(dataset_id: str) -> bool:
+def is_local_dataset(dataset_id: str) -> bool:
+    """`dataset.id` names local files (a path that exists, a data file's suffix, or a path's start)
+    rather than a Hub dataset."""
     p = Path(dataset_id).expanduser()
     return p.exists() or p.suffix.lower() in FORMATS or dataset_id.startswith((".", "/", "~"))
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from workflow_scripts.evaluation import general_compare, markdown
-from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
+from workflow_scripts.evaluation.bootstrap import paired_delta
 from workflow_scripts.evaluation.metrics import PAIRED, UNPAIRED
 from workflow_scripts.files import atomic_path, read_jsonl, write_figure, write_json
 from workflow_scripts.stage import Job, StageError, snakemake_main
@@ -20,20 +20,6 @@ from workflow_scripts.stage import Job, StageError, snakemake_main
 log = logging.getLogger("snaketune.compare")
 
 NO_NUMBER = "no-number-in-prediction"  # answers.judge's rule for a prediction without a number
-
-
-def paired_delta(base_rows: list[dict], tuned_rows: list[dict], key: str, samples: int, seed: int) -> dict:
-    """Means of per-example `key` on the same prompts and the paired-bootstrap CI of their difference."""
-    base = [float(r[key]) for r in base_rows]
-    tuned = [float(r[key]) for r in tuned_rows]
-    delta, lo, hi = paired_bootstrap_ci(base, tuned, samples, seed)
-    return {
-        "base": float(np.mean(base)),
-        "finetuned": float(np.mean(tuned)),
-        "delta": delta,
-        "ci95": [lo, hi],
-        "significant": bool(lo > 0 or hi < 0),
-    }
 
 
 def compare(

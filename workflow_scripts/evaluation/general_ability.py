@@ -16,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from workflow_scripts.config import ConfigError
+from workflow_scripts.errors import ConfigError
 from workflow_scripts.evaluation import general_items
 from workflow_scripts.files import write_json, write_jsonl
 from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
@@ -67,7 +67,7 @@ def load_tasks(specs: list[str]) -> tuple[dict, dict[str, str]]:
     tasks, sources = {}, {}
     for spec in specs:
         try:
-            if general_items.looks_local(spec):
+            if general_items.is_local_task(spec):
                 general_items.check_local_task(spec)  # a broken YAML or data file: one line naming it
                 folder = Path(spec) if Path(spec).is_dir() else Path(spec).parent
                 manager = general_items.task_manager(str(folder))

@@ -12,7 +12,7 @@ Two kinds of measure, each per item so base and fine-tuned can be paired:
   local data files (nothing to download). Each per-item metric lm-eval logs (`acc`, `acc_norm`,
   ...) is one measure, named `{task}/{metric}`.
 
-Load-time checks (`check_general_ability`, called from config.check_semantics): an unknown task
+Load-time checks (`check_general_ability`, run once per load through checks.py): an unknown task
 name is refused with close names; a Hub task without Hub access is refused naming the dataset;
 a local folder with a broken YAML or data file is refused naming the file. No torch here.
 """
@@ -27,7 +27,7 @@ import re
 import sys
 from pathlib import Path
 
-from workflow_scripts.config import ConfigError
+from workflow_scripts.errors import ConfigError
 
 # `datasets`' packaged builders: a task whose dataset_path is one of these reads local files.
 PACKAGED_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas", "xml"})
@@ -84,7 +84,7 @@ def python_version() -> str:
 # --- lm-eval tasks --------------------------------------------------------------------------------
 
 
-def looks_local(spec: str) -> bool:
+def is_local_task(spec: str) -> bool:
     """A path (a folder of task YAMLs or one YAML file) rather than a registered task name."""
     return "/" in spec or os.sep in spec or spec.endswith((".yaml", ".yml")) or Path(spec).exists()
 
@@ -186,7 +186,7 @@ def local_data_files(spec: str) -> list[str]:
 def task_input_files(specs: tuple[str, ...]) -> list[str]:
     """The files of every local task among ``specs`` (the general-ability jobs' inputs): listed
     once per planning, not once per job."""
-    return sorted({f for spec in specs if looks_local(spec) for f in local_data_files(spec)})
+    return sorted({f for spec in specs if is_local_task(spec) for f in local_data_files(spec)})
 
 
 @functools.cache
@@ -316,7 +316,7 @@ def check_general_ability(section: dict) -> None:
         if spec in seen:
             raise ConfigError(f"general_ability.tasks: {spec!r} is listed twice")
         seen.add(spec)
-        if looks_local(spec):
+        if is_local_task(spec):
             check_local_task(spec)
             continue
         for task, dataset in hub_datasets(spec).items():

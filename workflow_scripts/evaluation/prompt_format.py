@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EXPERIMENT_INDEX = "experiment.json"  # results/{experiment}/experiment.json (experiment_index rule)
+from workflow_scripts import layout
+from workflow_scripts.layout import EXPERIMENT_INDEX
 
 
 @dataclass
@@ -51,9 +52,7 @@ def find_test_split(experiment_dir: Path) -> Path | None:
     if not index.is_file():
         return None
     artifacts = json.loads(index.read_text())
-    own = Path((artifacts.get("own") or {}).get("evaluation") or f"results/{experiment_dir.name}/evaluation")
-    depth = len(own.parent.parts)  # results/{experiment} -> 2: the workflow folder is 2 levels up
-    root = experiment_dir.resolve().parents[depth - 1] if depth else experiment_dir.resolve()
+    root = layout.workdir_of_experiment(experiment_dir, (artifacts.get("own") or {}).get("evaluation"))
     shared = artifacts.get("shared") or {}
     for key, name in (("formatted", "test.parquet"), ("preprocessed", "test.parquet")):
         if shared.get(key) and (root / shared[key] / name).is_file():

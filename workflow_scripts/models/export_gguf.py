@@ -35,7 +35,7 @@ from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.logs import run_logged
 from workflow_scripts.data.streams import batches_of
 from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
-from workflow_scripts.winner import subject
+from workflow_scripts.sweeps.winner import subject
 
 log = logging.getLogger("snaketune.export_gguf")
 

@@ -19,7 +19,7 @@ from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models import model_card
 from workflow_scripts.models.families import family_of
 from workflow_scripts.stage import Job, StageError, snakemake_main
-from workflow_scripts.winner import subject
+from workflow_scripts.sweeps.winner import subject
 
 log = logging.getLogger("snaketune.push_to_hub")
 

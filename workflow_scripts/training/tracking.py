@@ -159,3 +159,16 @@ def peak_memory_mb(device: str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def eval_loss_at(log_history: list[dict], step: int) -> float | None:
+    """The validation loss a trainer state logged at ``step`` (None without one)."""
+    return next(
+        (h["eval_loss"] for h in reversed(log_history) if "eval_loss" in h and h["step"] == step), None
+    )
+
+
+def mean_logged_loss(log_history: list[dict]) -> float:
+    """The mean of the training losses a trainer state logged."""
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    return sum(losses) / len(losses) if losses else float("nan")

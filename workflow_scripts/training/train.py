@@ -6,10 +6,8 @@ one; a changed config or data starts fresh), one process per GPU when there are 
 Train: ``trainer.train(resume_from_checkpoint=...)``. Save: the adapter and the chat formatter,
 metrics.csv and the loss plot, run.json with the provenance of the run.
 
-Successive halving (params.halving set) runs the same recipe in slices of one trajectory: a rung
-job continues its point from the newest checkpoint at or before the rung's step, stops there with a
-checkpoint and a validation loss, and writes a rung record; the final rung writes the outputs above.
-The schedule runs over training.max_steps (the last rung), so rung after rung equals straight training.
+Successive halving (params.halving set) runs the same recipe in slices of one trajectory: where a
+rung stops, its callbacks and its record are rungs.py's.
 """
 
 import json
@@ -18,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from workflow_scripts.data.tokens import open_tokens
 from workflow_scripts.files import atomic_path, write_json
@@ -34,20 +31,20 @@ from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 from workflow_scripts.trainer_fields import lora_kwargs, trainer_kwargs
 from workflow_scripts.training import launch
 from workflow_scripts.training.checkpoints import (
-    checkpoint_is_complete,
     checkpoint_step,
-    discard_checkpoints_after,
     fingerprint,
     load_checkpoint,
     prepare_checkpoint_dir,
-    rotate_checkpoints,
 )
 from workflow_scripts.training.data import Collator
+from workflow_scripts.training.rungs import Rung, resolve_point
 from workflow_scripts.training.tracking import (
     MetricsCallback,
     configure_wandb,
+    eval_loss_at,
     git_commit,
     library_versions,
+    mean_logged_loss,
     peak_memory_mb,
     write_metrics,
 )
@@ -60,24 +57,20 @@ def run(job: Job) -> dict:
     """The `train` rule (and the halving rules `train_rung0`, `train_rung`, `train_finalist`): find
     the checkpoint to resume from, then train in this process or in one process per GPU."""
     job = resolve_point(job)
-    training, peft_cfg, halving = job.params.training, job.params.peft, job.params.get("halving")
+    training, peft_cfg, rung = job.params.training, job.params.peft, Rung.of(job)
     checkpoint_dir = Path(job.params.checkpoint_dir)
-    target = halving["target_step"] if halving else None
-    if halving and not (
-        0 < target <= training["max_steps"] and (target == training["max_steps"]) == halving["final"]
-    ):
-        raise StageError(
-            f"halving: target_step {target} of rung {halving['rung']} does not fit training.max_steps "
-            f"{training['max_steps']} (the last rung must equal it, the others lie below)"
-        )
+    if rung:
+        rung.check_fits(training)
     data = [job.input.train, job.input.validation, str(Path(job.input.model_dir) / "config.json")]
-    resume = prepare_checkpoint_dir(checkpoint_dir, fingerprint(training, peft_cfg, data), max_step=target)
+    resume = prepare_checkpoint_dir(
+        checkpoint_dir, fingerprint(training, peft_cfg, data), max_step=rung.target if rung else None
+    )
     if resume is not None:
         log.info("resuming from %s", resume.name)
     else:
         log.info("no complete checkpoint in %s: training from scratch", checkpoint_dir)
-    if halving and (resume is None or checkpoint_step(resume) < target):
-        discard_checkpoints_after(checkpoint_dir, checkpoint_step(resume) if resume else 0)
+    if rung:
+        rung.discard_later_checkpoints(checkpoint_dir, resume)
     nproc = launch.num_processes(training, job.params.gpus)
     if nproc > 1:
         # by import name: as a Snakemake script this file runs as __main__, which a child cannot import
@@ -86,67 +79,12 @@ def run(job: Job) -> dict:
     return train_process(job, resume)
 
 
-def resolve_point(job: Job) -> Job:
-    """The job with its point's training, peft and checkpoint_dir in params (and halving.point
-    named). A plain or rung-0 job has them already; a later rung's slot reads the record of the
-    point the promotion put in that slot."""
-    halving = job.params.get("halving")
-    if halving is None or halving["rung"] == 0:
-        return job
-    promotion = json.loads(Path(job.input.promotion).read_text())
-    survivors, slot = promotion["survivors"], halving["slot"]
-    if not 0 <= slot < len(survivors):
-        raise StageError(f"{job.input.promotion}: no survivor for slot {slot} ({len(survivors)} survivors)")
-    record = json.loads(Path(survivors[slot]["record"]).read_text())
-    params = {
-        **job.params,
-        "training": record["training"],
-        "peft": record["peft"],
-        "checkpoint_dir": record["checkpoint_dir"],
-        "halving": {**halving, "point": survivors[slot]["point"]},
-    }
-    return Job(input=job.input, output=job.output, params=params, threads=job.threads)
-
-
-class StopAtStep(TrainerCallback):
-    """Ends training at ``step`` with a checkpoint and a validation loss of that step (a rung's end).
-    The trainer evaluates before it saves, so the checkpoint's trainer_state holds that loss.
-
-    An evaluation the schedule would not make at that step is marked RNG-neutral (the trainer
-    restores torch's RNG after it): the checkpoint then carries the RNG state of a straight run, so
-    the next rung continues exactly as if the point had never stopped. (The default flow callback
-    runs first, so ``control.should_evaluate`` already says whether the schedule evaluates here.)"""
-
-    def __init__(self, step: int):
-        self.step = step
-        self.trainer = None  # set once the trainer exists
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step >= self.step:
-            if not control.should_evaluate:
-                self.trainer.rng_neutral_eval_step = state.global_step
-            control.should_evaluate = control.should_save = control.should_training_stop = True
-        return control
-
-
-class KeepRungCheckpoints(TrainerCallback):
-    """A halving point's checkpoint rotation (checkpoints.rotate_checkpoints) after every save, in
-    place of the trainer's: the rungs' checkpoints are never rotated away."""
-
-    def __init__(self, checkpoint_dir: Path, limit: int | None, rungs: list[int]):
-        self.checkpoint_dir, self.limit, self.rungs = checkpoint_dir, limit, set(rungs)
-
-    def on_save(self, args, state, control, **kw):
-        if state.is_world_process_zero:
-            rotate_checkpoints(self.checkpoint_dir, self.limit, self.rungs)
-
-
 def train_process(job: Job, resume: Path | None) -> dict:
     """One training process (of one, or of several under `launch.relaunch`)."""
     t_start = time.time()
     training, peft_cfg, wandb_cfg = job.params.training, job.params.peft, job.params.wandb
-    halving = job.params.get("halving")
-    rung_job = halving is not None and not halving["final"]  # stops at its rung, writes a record
+    rung = Rung.of(job)
+    rung_job = rung is not None and not rung.final  # stops at its rung, writes a record
 
     # ---- set-up
     set_threads(training["fast_path"]["threads"] or job.threads)
@@ -154,18 +92,12 @@ def train_process(job: Job, resume: Path | None) -> dict:
     out_dir = Path(job.output.adapter_dir if not rung_job else job.params.checkpoint_dir).parent
     # a halving point's runs (each rung's, the finalist's) are named after the point
     wandb_on = configure_wandb(
-        wandb_cfg, out_dir / "wandb", halving["point"] if halving else job.params.experiment
+        wandb_cfg, out_dir / "wandb", rung.halving["point"] if rung else job.params.experiment
     )
     # W&B only where the wandb section enables it and training.report_to (a TRL key) names it
     report_to = ["wandb"] if wandb_on and "wandb" in training["report_to"] else ["none"]
     torch.manual_seed(training["seed"])
-    stop = StopAtStep(halving["target_step"]) if rung_job else None
-    callbacks = [stop] if stop else []
-    trainer_training = training
-    if halving:  # the rungs' checkpoints stay out of the trainer's rotation (KeepRungCheckpoints)
-        limit = training.get("save_total_limit")
-        callbacks.append(KeepRungCheckpoints(Path(job.params.checkpoint_dir), limit, halving["rungs"]))
-        trainer_training = {**training, "save_total_limit": None}
+    callbacks, trainer_training = rung.trainer_setup(training) if rung else ([], training)
     trainer, collator, info = build_trainer(
         job.input.train,
         job.input.validation,
@@ -177,8 +109,8 @@ def train_process(job: Job, resume: Path | None) -> dict:
         device,
         extra_callbacks=callbacks,
     )
-    if stop:
-        stop.trainer = trainer
+    if rung:
+        rung.attach(trainer)
     metrics = MetricsCallback(trainer, collator)
     if resume:
         metrics.restore(resume)  # the steps logged before the crash stay in metrics.csv
@@ -189,7 +121,7 @@ def train_process(job: Job, resume: Path | None) -> dict:
 
     # ---- train
     resumed_step = checkpoint_step(resume) if resume else 0
-    stop_step = halving["target_step"] if halving else trainer.args.max_steps
+    stop_step = rung.target if rung else trainer.args.max_steps
     if resume and 0 < stop_step <= resumed_step:
         # Killed after the last checkpoint, before the outputs were written, or a rung's checkpoint
         # already there: nothing is left to train (Trainer.train would take one step more).
@@ -200,11 +132,8 @@ def train_process(job: Job, resume: Path | None) -> dict:
         train_loss = trainer.train(resume_from_checkpoint=str(resume) if resume else None).training_loss
         if resume:  # the trainer's mean covers this run's steps only: the whole run's, as a straight run's
             train_loss = mean_logged_loss(trainer.state.log_history)
-    if halving and trainer.state.global_step != stop_step:
-        raise StageError(
-            f"halving: {halving['point']} stopped at step {trainer.state.global_step}, not at its rung's "
-            f"target_step {stop_step}"
-        )
+    if rung:
+        rung.check_reached(trainer.state.global_step)
     if trainer.args.eval_strategy != "no" and metrics.last_eval_step() != trainer.state.global_step:
         trainer.evaluate()  # validation loss of the final adapter, logged into metrics.csv
     if not trainer.is_world_process_zero():
@@ -212,13 +141,7 @@ def train_process(job: Job, resume: Path | None) -> dict:
 
     # ---- save
     if rung_job:
-        eval_loss = eval_loss_at(trainer.state.log_history, stop_step)
-        record = rung_record(job, resumed_step, eval_loss, round(time.time() - t_start, 1))
-        write_json(job.output.record, record)
-        log.info(
-            "rung %d done: step %d, validation loss %.4f", halving["rung"], stop_step, record["eval_loss"]
-        )
-        return record
+        return rung.write_record(trainer.state.log_history, resumed_step, round(time.time() - t_start, 1))
     model = trainer.accelerator.unwrap_model(trainer.model)
     with atomic_path(job.output.adapter_dir, is_dir=True) as tmp:
         model.save_pretrained(tmp)
@@ -242,49 +165,11 @@ def train_process(job: Job, resume: Path | None) -> dict:
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "real_tokens_seen_this_run": collator.real_tokens,
     }
-    if halving:
-        steps = halving["target_step"] - halving["rung_start"]
-        summary["point"] = halving["point"]
-        summary["halving"] = {k: halving[k] for k in ("rung", "slot", "rung_start")}
-        summary["halving"].update(steps=steps, resumed_from_step=resumed_step)
+    if rung:
+        summary.update(rung.run_info(resumed_step))
     write_json(job.output.run_info, summary)
     log.info("done: step %d, train loss %.4f", trainer.state.global_step, train_loss)
     return summary
-
-
-def rung_record(job: Job, resumed_step: int, eval_loss: float, wall_time_s: float) -> dict:
-    """What a non-final rung job reports: the point's validation loss at the rung's step, the
-    checkpoint the next rung continues from, and the steps the rung cost."""
-    h, checkpoint_dir = job.params.halving, job.params.checkpoint_dir
-    checkpoint = Path(checkpoint_dir) / f"checkpoint-{h['target_step']}"
-    if not checkpoint_is_complete(checkpoint):
-        raise StageError(f"halving: {checkpoint} was not saved (training.save_strategy must allow saving)")
-    return {
-        **{k: h[k] for k in ("point", "rung", "slot", "target_step", "rung_start")},
-        "steps": h["target_step"] - h["rung_start"],
-        "resumed_from_step": resumed_step,
-        "steps_trained": h["target_step"] - resumed_step,
-        "global_step": h["target_step"],
-        "eval_loss": eval_loss,
-        "checkpoint": str(checkpoint),
-        "checkpoint_dir": checkpoint_dir,
-        "training": job.params.training,
-        "peft": job.params.peft,
-        "wall_time_s": wall_time_s,
-    }
-
-
-def eval_loss_at(log_history: list[dict], step: int) -> float | None:
-    """The validation loss a trainer state logged at ``step`` (None without one)."""
-    return next(
-        (h["eval_loss"] for h in reversed(log_history) if "eval_loss" in h and h["step"] == step), None
-    )
-
-
-def mean_logged_loss(log_history: list[dict]) -> float:
-    """The mean of the training losses a trainer state logged."""
-    losses = [h["loss"] for h in log_history if "loss" in h]
-    return sum(losses) / len(losses) if losses else float("nan")
 
 
 # ---------------------------------------------------------------- set-up

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.evaluation import general_compare, halving
-from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
-from workflow_scripts.evaluation.compare import paired_delta
+from workflow_scripts import layout
+from workflow_scripts.evaluation import general_compare
+from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci, paired_delta
 from workflow_scripts.evaluation.metrics import PAIRED, producer
 from workflow_scripts.files import atomic_path, read_jsonl, write_figure, write_json
 from workflow_scripts.stage import Job, StageError, snakemake_main
+from workflow_scripts.sweeps import promote
 
 log = logging.getLogger("snaketune.leaderboard")
 
@@ -48,6 +49,11 @@ def selection_value(select_by, run_info: dict, validation_eval: dict | None) -> 
             f"(evaluation.metrics must include {producer(metric)!r})"
         )
     return float(validation_eval["metrics"][metric]), True
+
+
+def bootstrap_settings(evaluation: dict) -> dict:
+    """The bootstrap a point's rows use: its own evaluation section's (as its compare did)."""
+    return {"samples": evaluation["bootstrap_samples"], "seed": evaluation["seed"]}
 
 
 def metric_table(predictions: list[dict], samples: int, seed: int) -> dict[str, dict]:
@@ -83,7 +89,7 @@ def _pruned_rows(summary: dict) -> list[dict]:
     return [
         {
             "experiment": q["point"],
-            "results_dir": f"results/{q['point']}",  # its checkpoints and rung records
+            "results_dir": layout.experiment_root(q["point"]),  # its checkpoints and rung records
             "selection_value": None,
             "test": {},
             "vs_base": {},
@@ -102,15 +108,15 @@ def _pruned_rows(summary: dict) -> list[dict]:
 def build(
     points: list[dict],
     select_by,
-    samples: int,
-    seed: int,
     general: dict | None = None,
     halving_summary: dict | None = None,
 ) -> dict:
-    """``points``: name, run_info, predictions, validation_eval (or None), comparison, deployment.
+    """``points``: name, run_info, predictions, validation_eval (or None), comparison, deployment,
+    bootstrap (the point's own evaluation.bootstrap_samples and seed: a sweep may vary them, and a
+    row's intervals are computed as its own compare computed its deltas vs base).
     ``general``: the general_ability settings (whether flagged points may win).
 
-    ``halving_summary`` (`halving.summary`, a successive-halving sweep): ``points`` are the finalists;
+    ``halving_summary`` (`promote.summary`, a successive-halving sweep): ``points`` are the finalists;
     a row's ``experiment`` is the point it trained and ``results_dir`` the finalist's folder; the
     pruned points follow the finalists (no test metrics). ``rung_reached``: the last rung a point
     trained to (the finalists: the last rung); None in a grid, which has no rungs."""
@@ -125,10 +131,10 @@ def build(
         rows.append(
             {
                 "experiment": point,
-                "results_dir": f"results/{p['name']}",
+                "results_dir": layout.experiment_root(p["name"]),
                 "rung_reached": halving_points[point]["rung_reached"] if halving_summary else None,
                 "selection_value": value,
-                "test": metric_table(p["predictions"], samples, seed),
+                "test": metric_table(p["predictions"], **p["bootstrap"]),
                 "vs_base": {
                     k: {"delta": v["delta"], "ci95": v["ci95"]} for k, v in p["comparison"]["metrics"].items()
                 },
@@ -151,7 +157,7 @@ def build(
             continue
         for key, name in PAIRED.items():
             if key in best_preds[0] and key in p["predictions"][0]:
-                d = paired_delta(best_preds, p["predictions"], key, samples, seed)
+                d = paired_delta(best_preds, p["predictions"], key, **p["bootstrap"])
                 row["vs_selected"][name] = {k: d[k] for k in ("delta", "ci95", "significant")}
     order = sorted(range(len(rows)), key=lambda i: rows[i]["selection_value"], reverse=bool(higher))
     if halving_summary:
@@ -345,7 +351,7 @@ def read_halving(job: Job, names: list[str], run_infos: list[dict]) -> dict:
         )
     records = _read_json_list(job.input.records)
     promotions = _read_json_list(job.input.promotions)
-    return halving.summary(plan, records, run_infos, promotions)
+    return promote.summary(plan, records, run_infos, promotions)
 
 
 def run(job: Job) -> dict:
@@ -363,6 +369,7 @@ def run(job: Job) -> dict:
                 "comparison": json.loads(Path(job.input.comparison[i]).read_text()),
                 "validation_eval": json.loads(Path(validation).read_text()) if validation else None,
                 "deployment": job.input.deployment[i],
+                "bootstrap": bootstrap_settings(job.params.evaluation[i]),
             }
         )
         curves[name] = eval_curve(job.input.metrics[i])
@@ -370,15 +377,8 @@ def run(job: Job) -> dict:
     if job.params.get("halving"):
         summary = read_halving(job, names, [p["run_info"] for p in loaded])
         curves = {p["run_info"]["point"]: curves[p["name"]] for p in loaded}  # rows are named by point
-    sweep, evaluation = job.params.sweep, job.params.evaluation
-    board = build(
-        loaded,
-        sweep["select_by"],
-        evaluation["bootstrap_samples"],
-        evaluation["seed"],
-        job.params.general,
-        summary,
-    )
+    sweep = job.params.sweep
+    board = build(loaded, sweep["select_by"], job.params.general, summary)
     out = job.output
     write_json(out.json, board)
     with atomic_path(out.markdown) as tmp:
@@ -387,7 +387,7 @@ def run(job: Job) -> dict:
     plot(board, curves, out.metrics_plot, out.curves_plot)
     if summary:
         write_json(out.halving, {**summary, "selected": board["selected"]})
-        halving.plot(summary, board["selected"], out.rungs_plot)
+        promote.plot(summary, board["selected"], out.rungs_plot)
     winner = next(r for r in board["points"] if r["selected"])
     write_json(
         out.best,

@@ -18,15 +18,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workflow_scripts import layout
+from workflow_scripts.layout import point_of as short_name
 from workflow_scripts.stage import Job, Named, StageError
 
 RUN_INFO = "training/run.json"  # under a candidate's root: its "point" (halving finalists)
-HALVING = "halving.json"  # next to best.json under halving: the rung each point reached
-
-
-def short_name(point: str) -> str:
-    """``learning_rate~0.001_r~4`` of ``sweeps/S/learning_rate~0.001_r~4``."""
-    return point.rsplit("/", 1)[-1]
 
 
 def point_of(experiment: str, candidate: dict) -> str:
@@ -71,7 +67,7 @@ def _read_best(best) -> tuple[dict, Path | None]:
 
 def _halving_points(sweep_dir: Path | None) -> list[dict] | None:
     """halving.json's points (each with the rung it reached), None when the sweep did not halve."""
-    path = sweep_dir / HALVING if sweep_dir else None
+    path = sweep_dir / layout.HALVING_SUMMARY if sweep_dir else None
     if path is None or not path.is_file():
         return None
     return json.loads(path.read_text()).get("points") or []
@@ -97,7 +93,7 @@ def choose(best, act_on: str, candidates: dict, key: str = "sweep.act_on", sweep
         raise StageError(f"{key}: point {wanted!r} is held by {', '.join(e for _, e in matches)}")
     if act_on == "best":
         raise StageError(
-            f"{sweep_dir / 'best.json' if sweep_dir else 'best.json'}: its winner {wanted!r} is none of the "
+            f"{sweep_dir / layout.BEST if sweep_dir else layout.BEST}: its winner {wanted!r} is none of the "
             f"sweep's finished points ({', '.join(sorted(points))}); re-run the leaderboard"
         )
     finished = ", ".join(short_name(p) for p in points)

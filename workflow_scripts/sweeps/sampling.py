@@ -17,14 +17,14 @@ Python keeps the same across versions. So the first points of `n: 200` are the p
 value trained with. A draw equal to an earlier point (of the grid, the explicit points or the
 samples) is skipped and drawn again.
 
-Pure Python (no Snakemake): experiments.point_overrides calls it at load time.
+Pure Python (no Snakemake): points.point_overrides calls it at load time.
 """
 
 import json
 import math
 import random
 
-from workflow_scripts.config import ConfigError
+from workflow_scripts.errors import ConfigError
 
 KINDS = ("range", "log_range", "choice")
 # Sampling stops with an error after this many draws per asked point: a space with fewer
