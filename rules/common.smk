@@ -242,6 +242,28 @@ def general_inputs(wildcards):
     }
 
 
+def train_outputs():
+    """What training writes for an experiment: `train`, or for a halving finalist `train_finalist`."""
+    return {
+        "adapter_dir": directory(exp_path("model")),
+        "metrics": exp_path("training/metrics.csv"),
+        "loss_plot": report(
+            exp_path("training/loss.png"),
+            caption="report/loss.rst",
+            category="Training",
+            subcategory="{experiment}",
+        ),
+        "run_info": exp_path("training/run.json"),
+    }
+
+
+# The experiments `train` trains: all but a halving sweep's finalists (train_finalist's), so the two
+# rules never match one path.
+TRAINED_BY_TRAIN = (
+    f"(?!{HALVING.finalist_re}/){experiment_name_re(config)}" if HALVING else experiment_name_re(config)
+)
+
+
 def checkpoints_of(wildcard):
     """A params function: the checkpoint folder of the job's experiment or point (outside the
     outputs: Snakemake must not delete it when a run dies, resume reads it)."""

@@ -43,14 +43,12 @@ if HALVING:
 
     rule promote:
         input:
-            records=lambda w: HALVING.records(int(w.rung)),
-            # past rung 0: the promotion that filled the slots (the records must hold its points)
-            previous=lambda w: [HALVING.promotion(int(w.rung) - 1)] if int(w.rung) > 0 else [],
+            unpack(lambda w: HALVING.promote_inputs(w.rung)),
         output:
             promotion=HALVING.promotion_file,
         params:
             rung=lambda w: int(w.rung),
-            keep=lambda w: HALVING.slots[int(w.rung) + 1],
+            keep=lambda w: HALVING.kept_after(w.rung),
             points=[p.name for p in HALVING.points],
         log:
             f"{HALVING.folder}/logs/promote-{{rung}}.log",
@@ -69,7 +67,7 @@ if HALVING:
             train=rules.train_rung0.input.train,
             validation=rules.train_rung0.input.validation,
             model_dir=rules.train_rung0.input.model_dir,
-            promotion=lambda w: HALVING.promotion(int(w.rung) - 1),
+            promotion=lambda w: HALVING.promotion(int(w.rung) - 1),  # it filled this rung's slots
         output:
             record=HALVING.slot_record,
         params:
@@ -101,17 +99,9 @@ if HALVING:
             train=rules.train_rung0.input.train,
             validation=rules.train_rung0.input.validation,
             model_dir=rules.train_rung0.input.model_dir,
-            promotion=HALVING.promotion(HALVING.last - 1),
+            promotion=HALVING.final_promotion,
         output:
-            adapter_dir=directory(exp_path("model")),
-            metrics=exp_path("training/metrics.csv"),
-            loss_plot=report(
-                exp_path("training/loss.png"),
-                caption="report/loss.rst",
-                category="Training",
-                subcategory="{experiment}",
-            ),
-            run_info=exp_path("training/run.json"),
+            **train_outputs(),
         params:
             halving=rung_job("finalist"),
             training=None,
@@ -133,5 +123,3 @@ if HALVING:
             ENV
         script:
             "../workflow_scripts/training/train.py"
-
-    ruleorder: train_finalist > train

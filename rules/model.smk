@@ -26,15 +26,7 @@ rule train:
         validation=tokens_of("validation"),
         model_dir=base_model_of,
     output:
-        adapter_dir=directory(exp_path("model")),
-        metrics=exp_path("training/metrics.csv"),
-        loss_plot=report(
-            exp_path("training/loss.png"),
-            caption="report/loss.rst",
-            category="Training",
-            subcategory="{experiment}",
-        ),
-        run_info=exp_path("training/run.json"),
+        **train_outputs(),
     params:
         training=setting("training"),
         peft=setting("peft"),
@@ -47,6 +39,8 @@ rule train:
         log_of("train"),
     benchmark:
         bench_of("train")
+    wildcard_constraints:
+        experiment=TRAINED_BY_TRAIN,
     threads: config["resources"]["threads"]
     resources:
         **resources_for("train", gpu=True),

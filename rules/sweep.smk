@@ -15,8 +15,8 @@ if SWEEP:
             deployment=per_point("deployment_model"),
             validation_eval=per_point("evaluation/validation_evaluation.json") if BY_METRIC else [],
             # halving: every rung's records (rung 0's points, then each middle rung's slots) and promotions
-            records=[f for r in range(HALVING.last) for f in HALVING.records(r)] if HALVING else [],
-            promotions=[HALVING.promotion(r) for r in range(HALVING.last)] if HALVING else [],
+            records=HALVING.rung_records() if HALVING else [],
+            promotions=HALVING.promotions() if HALVING else [],
         output:
             json=f"{SWEEP_DIR}/{layout.LEADERBOARD}",
             markdown=report(

@@ -148,6 +148,28 @@ class Halving:
     def promotion(self, rung: int) -> str:
         return self.promotion_file.format(rung=rung)
 
+    def rung_records(self) -> list[str]:
+        """Every rung's records but the last's (rung 0's points, then each middle rung's slots)."""
+        return [f for r in range(self.last) for f in self.records(r)]
+
+    def promotions(self) -> list[str]:
+        return [self.promotion(r) for r in range(self.last)]
+
+    def promote_inputs(self, rung: str) -> dict:
+        """promote's inputs for rung ``rung`` (wildcard text): its records and, past rung 0, the
+        promotion that filled its slots (the records must hold its points)."""
+        r = int(rung)
+        return {"records": self.records(r), "previous": [self.promotion(r - 1)] if r > 0 else []}
+
+    def kept_after(self, rung: str) -> int:
+        """How many points rung ``rung`` promotes: the next rung's slots."""
+        return self.slots[int(rung) + 1]
+
+    @property
+    def final_promotion(self) -> str:
+        """The promotion that names the finalists' points."""
+        return self.promotion(self.last - 1)
+
     def plan(self) -> dict:
         """What the leaderboard and halving.json read of the plan."""
         return {
