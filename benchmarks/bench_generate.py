@@ -50,7 +50,6 @@ from machine import cpu_model  # noqa: E402
 
 from workflow_scripts.config import load_and_resolve  # noqa: E402
 from workflow_scripts.evaluation.generate import GenerationSettings, eos_ids, generate  # noqa: E402
-from workflow_scripts.sweeps.points import expand  # noqa: E402
 from workflow_scripts.layout import model_dir as base_model_dir  # noqa: E402
 from workflow_scripts.models.loading import (  # noqa: E402
     bf16_speed,
@@ -59,6 +58,7 @@ from workflow_scripts.models.loading import (  # noqa: E402
     load_tokenizer,
     resolve_dtype,
 )
+from workflow_scripts.sweeps.points import expand  # noqa: E402
 
 # A side more than this many times slower than (b) in its first run is not repeated.
 SLOW = 1.5

@@ -139,9 +139,9 @@ def run_side(
     import torch
 
     from workflow_scripts.config import load_and_resolve
-    from workflow_scripts.sweeps.points import expand
     from workflow_scripts.layout import model_dir
     from workflow_scripts.models.loading import bf16_is_fast
+    from workflow_scripts.sweeps.points import expand
     from workflow_scripts.training.train import build_trainer
 
     torch.set_num_threads(threads)

@@ -270,7 +270,7 @@ def check_file(path: Path, outtype: str, ref: Reference, cfg: dict, name: str) -
 
 
 def run(job: Job) -> dict:
-    chosen = subject(job)  # the experiment, or the sweep point acted on (workflow_scripts/winner.py)
+    chosen = subject(job)  # the experiment, or the sweep point acted on (workflow_scripts/sweeps/winner.py)
     cfg, deployment_dir = job.params.export, chosen.input.deployment_dir
     set_threads(job.threads)
     info = converter_info()  # fails first when the export extra is missing

@@ -101,7 +101,7 @@ def run(job: Job) -> dict:
         raise StageError(
             "HF_TOKEN: not set in the environment or .env; it is needed to push (nothing was uploaded)"
         )
-    chosen = subject(job)  # the experiment, or the sweep point acted on (workflow_scripts/winner.py)
+    chosen = subject(job)  # the experiment, or the sweep point acted on (workflow_scripts/sweeps/winner.py)
     deployment_dir = chosen.input.deployment_dir
     manifest = model_card.read_manifest(chosen.input.base_model_dir)
     origin = model_card.base_model_origin(manifest)
