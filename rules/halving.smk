@@ -43,7 +43,8 @@ if HALVING:
 
     rule promote:
         input:
-            unpack(lambda w: HALVING.promote_inputs(w.rung)),
+            records=lambda w: HALVING.records_of(w.rung),
+            previous=lambda w: HALVING.checked_against(w.rung),
         output:
             promotion=HALVING.promotion_file,
         params:
@@ -67,7 +68,7 @@ if HALVING:
             train=rules.train_rung0.input.train,
             validation=rules.train_rung0.input.validation,
             model_dir=rules.train_rung0.input.model_dir,
-            promotion=lambda w: HALVING.promotion(int(w.rung) - 1),  # it filled this rung's slots
+            promotion=lambda w: HALVING.filled_by(w.rung),
         output:
             record=HALVING.slot_record,
         params:

@@ -5,7 +5,7 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import with_defaults
+from helpers import with_defaults
 
 from workflow_scripts.evaluation import compare as compare_stage
 from workflow_scripts.evaluation.answers import Judgement, is_correct, judge, parse_number

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import REPO, sample_rows
+from helpers import REPO, sample_rows
 
 from workflow_scripts import checks, layout, trainer_fields
 from workflow_scripts.config import load_schema
@@ -468,7 +468,8 @@ def test_a_missing_accelerate_config_fails_at_load(resolved_config, tmp_path):
     ):
         resolved_config({"training": {"accelerate_config": str(tmp_path / "fsdp-missing.yaml")}})
     (tmp_path / "fsdp.yaml").write_text("distributed_type: FSDP\n")
-    resolved_config({"training": {"accelerate_config": str(tmp_path / "fsdp.yaml")}})
+    config = resolved_config({"training": {"accelerate_config": str(tmp_path / "fsdp.yaml")}})
+    assert config["training"]["accelerate_config"] == str(tmp_path / "fsdp.yaml")
 
 
 @pytest.mark.parametrize(
@@ -495,11 +496,31 @@ def test_ratios_that_leave_a_carved_split_empty_fail_at_load(resolved_config, tm
 
 
 def test_a_zero_ratio_is_fine_for_a_split_that_comes_from_files(resolved_config, tmp_path):
+    """The ratios only carve the splits the files lack: with a file for every split, 0.0 for
+    validation and test is accepted at load, and download_dataset gives each split its own file's
+    rows, carving none out of train."""
+    from workflow_scripts.data.download_dataset import load_local, make_splits
+    from workflow_scripts.data.streams import Progress
+
     ds = tmp_path / "ds"
-    write_jsonl(ds / "train.jsonl", 20)
-    write_jsonl(ds / "validation.jsonl", 5)
-    write_jsonl(ds / "test.jsonl", 5)
-    resolved_config({"dataset": {"id": str(ds), "split": {"train": 1.0, "validation": 0.0, "test": 0.0}}})
+    files = {
+        "train": write_jsonl(ds / "train.jsonl", 20),
+        "validation": write_jsonl(ds / "validation.jsonl", 5),
+        "test": write_jsonl(ds / "test.jsonl", 5),
+    }
+    split = {"train": 1.0, "validation": 0.0, "test": 0.0}
+    dataset = resolved_config({"dataset": {"id": str(ds), "split": split}})["dataset"]
+    assert {s: dataset["split"][s] for s in split} == split
+    # what download_dataset does with it (load_local, then make_splits)
+    (tmp_path / "scratch").mkdir()
+    spills, record = load_local(dataset, tmp_path / "scratch", Progress("read"))
+    assert record["found_by"] == "folder"
+    assert {s: [e["path"] for e in entries] for s, entries in record["files"].items()} == {
+        s: [str(f)] for s, f in files.items()
+    }
+    splits, carving = make_splits(spills, dataset)
+    assert {s: len(rows) for s, (_, rows) in splits.items()} == {"train": 20, "validation": 5, "test": 5}
+    assert carving["carved_from_train"] == {}
 
 
 def test_load_time_carving_predicts_download_dataset(tmp_path):

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, build_tokenizer, sample_rows, save_lively_model
+from helpers import REPO, build_tokenizer, sample_rows, save_lively_model
 
 from workflow_scripts import chat
 from workflow_scripts.evaluation.prompt_format import PromptFormat, prompt_format, prompt_format_of
@@ -25,7 +25,7 @@ MAX_NEW_TOKENS = 24
 
 
 def save_chatty_tiny_model(path: Path) -> Path:
-    """The tiny test model with varied greedy answers (conftest.save_lively_model)."""
+    """The tiny test model with varied greedy answers (helpers.save_lively_model)."""
     return save_lively_model(path, build_tokenizer())
 
 
@@ -156,12 +156,16 @@ def test_piped_question_gets_the_evaluations_greedy_answer(workflow, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == predictions[0] + "\n"
     assert proc.stderr == ""
-    script = Path(sys.executable).with_name("snaketune-chat")  # the console script (pip install -e .)
-    if script.exists():
-        proc = subprocess.run(
-            [script, model, "--prompt", rows[1]["query"]], capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0 and proc.stdout == predictions[1] + "\n", proc.stderr
+    # the console script: `make test` installs the package (`make setup`: pip install -e '.[dev]')
+    script = Path(sys.executable).with_name("snaketune-chat")
+    assert script.is_file(), (
+        f"no {script}: the package is not installed in this environment (run `make setup`, or "
+        "`pip install -e .` in it)"
+    )
+    proc = subprocess.run(
+        [script, model, "--prompt", rows[1]["query"]], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout == predictions[1] + "\n", proc.stderr
 
 
 def test_every_test_prompt_is_rebuilt_exactly_and_answered_as_evaluated(workflow):

@@ -2,7 +2,7 @@
 
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 
 from workflow_scripts.checks import template_fields
 from workflow_scripts.config import load_and_resolve

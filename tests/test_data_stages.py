@@ -5,7 +5,7 @@ import shutil
 
 import pandas as pd
 import pytest
-from conftest import preprocessed_rows, with_defaults
+from helpers import preprocessed_rows, with_defaults
 
 from workflow_scripts.data import download_dataset, format_dataset, preprocess_dataset
 from workflow_scripts.stage import Job, StageError

@@ -4,10 +4,11 @@ import json
 
 import pandas as pd
 import pytest
-from conftest import with_defaults
+from helpers import with_defaults
 
 from workflow_scripts.evaluation import compare as compare_stage
 from workflow_scripts.evaluation.answers import extract_answer, follows_format, is_correct, parse_number
+from workflow_scripts.evaluation.bootstrap import paired_bootstrap_ci
 from workflow_scripts.stage import Job, StageError
 
 
@@ -176,13 +177,13 @@ def test_sliding_window_models_get_unpadded_batches_when_padding_could_leave_the
 
 
 def test_paired_bootstrap_ci_known_cases():
-    delta, lo, hi = compare_stage.paired_bootstrap_ci([0] * 50, [1] * 50, samples=500, seed=0)
+    delta, lo, hi = paired_bootstrap_ci([0] * 50, [1] * 50, samples=500, seed=0)
     assert (delta, lo, hi) == (1.0, 1.0, 1.0)
     base = [0, 1] * 100
-    delta, lo, hi = compare_stage.paired_bootstrap_ci(base, base[::-1], samples=2000, seed=3)
+    delta, lo, hi = paired_bootstrap_ci(base, base[::-1], samples=2000, seed=3)
     assert delta == 0.0 and lo < 0 < hi
     # 30 of 100 improve, none regress: the CI is around 0.3 and excludes zero
-    delta, lo, hi = compare_stage.paired_bootstrap_ci([0] * 100, [1] * 30 + [0] * 70, samples=4000, seed=1)
+    delta, lo, hi = paired_bootstrap_ci([0] * 100, [1] * 30 + [0] * 70, samples=4000, seed=1)
     assert delta == pytest.approx(0.3) and 0.2 < lo < 0.3 < hi < 0.4
 
 

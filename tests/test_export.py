@@ -14,7 +14,7 @@ pytest.importorskip(
     reason="the export extra is not installed (make setup-export, or pip install -e '.[export]')",
 )
 
-from conftest import sample_rows, save_lively_model  # noqa: E402
+from helpers import sample_rows, save_lively_model  # noqa: E402
 
 from workflow_scripts.models import export_gguf  # noqa: E402
 from workflow_scripts.stage import Job, StageError  # noqa: E402
@@ -187,7 +187,7 @@ def test_an_unreadable_file_fails_the_stage_and_leaves_no_file(exported, tmp_pat
 
 
 def test_a_failed_conversion_is_one_clear_error(tmp_path):
-    from conftest import save_tiny_model
+    from helpers import save_tiny_model
 
     exp = tmp_path / "results" / "tiny"
     model_dir = save_tiny_model(exp / "deployment_model")  # its tokenizer is unknown to llama.cpp
@@ -270,7 +270,7 @@ def test_chat_on_the_gguf_uses_its_template_and_stops_at_its_eos(exported):
 
 
 def test_export_is_opt_in_and_planned_with_its_outputs(tiny_workflow):
-    from conftest import planned_rules, smk
+    from helpers import planned_rules, smk
 
     wf, cfg = tiny_workflow
     assert "export_gguf" not in planned_rules(wf, "all", cfg)
@@ -282,7 +282,7 @@ def test_export_is_opt_in_and_planned_with_its_outputs(tiny_workflow):
 
 
 def test_bad_outtype_is_refused_at_load(workflow_copy):
-    from conftest import smk
+    from helpers import smk
 
     proc = smk(workflow_copy, "-n", "export_gguf", "--config", "export={outtypes: [q4_k_m]}", check=False)
     assert proc.returncode != 0 and "export.outtypes" in proc.stdout + proc.stderr

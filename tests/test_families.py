@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import REPO, build_tiny_llama
+from helpers import REPO, build_tiny_llama
 
 from workflow_scripts.models.families import (
     CAUSAL_LM,

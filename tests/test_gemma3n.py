@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import merge_job, train_bpe_tokenizer, train_job, with_defaults, write_formatted
+from helpers import merge_job, train_bpe_tokenizer, train_job, with_defaults, write_formatted
 
 from workflow_scripts.models.families import GEMMA3N, TEMPLATES, family_of
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SNAKEMAKE, smk, snakemake_env, write_config
+from helpers import REPO, SNAKEMAKE, smk, snakemake_env, write_config
 
 from workflow_scripts import chat
 from workflow_scripts.errors import ConfigError
@@ -120,10 +120,19 @@ def test_bad_halving_config_is_refused_at_load_naming_the_key(resolved_config, c
 
 
 def test_act_on_takes_a_point_by_short_or_full_name(resolved_config):
-    for name in ("learning_rate~0.002_r~8", "sweeps/h/learning_rate~0.002_r~8", "best"):
+    """`best`, a point's short name and its full name are all accepted at load and kept as given
+    (the winner rule resolves the name at run time); which point is acted on changes nothing of
+    the plan: the same points, slots and finalists as with the default, `best`."""
+    default = plan_of(resolved_config, halving_sweep())
+    point = "sweeps/h/learning_rate~0.002_r~8"
+    assert point in [p.name for p in default.points]
+    assert (default.slots, [f.name for f in default.finalists]) == ((4, 2, 1), ["sweeps/h/finalist-0"])
+    for name in ("learning_rate~0.002_r~8", point, "best"):
         cfg = halving_sweep()
         cfg["sweep"]["act_on"] = name
-        assert plan_of(resolved_config, cfg)
+        config = resolved_config(cfg)
+        assert config["sweep"]["act_on"] == name
+        assert halving(config, expand(config)) == default, name
 
 
 def rule_counts(workdir: Path, configfile: Path) -> dict[str, int]:
@@ -198,6 +207,7 @@ def run_until_mid_rung(wf: Path, cfg: Path, timeout: float = 600) -> str:
     return fired
 
 
+@pytest.mark.e2e
 def test_halving_sweep_killed_mid_rung_finishes_and_reruns_as_a_no_op(tiny_formatted):
     wf, tiny = tiny_formatted  # data stages and base model done
     cfg = write_config(wf / "halving.yaml", {**yaml.safe_load(tiny.read_text()), **TINY_HALVING})

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import train_job, write_formatted
+from helpers import train_job, write_formatted
 from safetensors.torch import load_file
 
 from workflow_scripts.files import write_json

@@ -2,7 +2,7 @@
 metric returns what its registration says, and compare and the leaderboard report every metric."""
 
 import pytest
-from conftest import with_defaults
+from helpers import with_defaults
 
 from workflow_scripts.config import load_schema
 from workflow_scripts.evaluation import compare as compare_stage

@@ -5,7 +5,7 @@ files when they were exported for this model, and no workflow internals."""
 import json
 
 import pytest
-from conftest import with_defaults
+from helpers import with_defaults
 from huggingface_hub import ModelCard
 
 from workflow_scripts.models import model_card, push_to_hub

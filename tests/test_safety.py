@@ -139,6 +139,7 @@ def assert_no_secret_anywhere(workdir: Path, proc: subprocess.CompletedProcess) 
         assert secret.encode() not in proc.stdout + proc.stderr, f"{secret} leaked to the console"
 
 
+@pytest.mark.e2e
 def test_every_stream_of_a_stage_is_masked(tmp_path):
     proc = run_snakemake(tmp_path, LEAKY_STAGE)
     assert proc.returncode != 0, "the stage raises at the end"
@@ -159,6 +160,7 @@ def test_every_stream_of_a_stage_is_masked(tmp_path):
         assert expected in text, f"{expected!r} missing from the log:\n{text}"
 
 
+@pytest.mark.e2e
 def test_stage_error_message_is_masked(tmp_path):
     proc = run_snakemake(tmp_path, STAGE_ERROR)
     assert proc.returncode != 0

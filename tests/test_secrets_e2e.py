@@ -10,7 +10,9 @@ token is in no file under results/ or .snakemake/, not on the console, and nothi
 import pandas as pd
 import pytest
 import yaml
-from conftest import smk, tree_digest, write_config
+from helpers import smk, tree_digest, write_config
+
+pytestmark = pytest.mark.e2e  # every test goes on from a real run (`built`)
 
 TOKEN = "hf_" + "E2eSecretInsidePrompt0123456789"
 

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from workflow_scripts.stage import Job
 
@@ -27,9 +27,22 @@ def test_job_from_snakemake_is_plain_and_named():
     assert Job(**json.loads(json.dumps(job.to_dict()))) == job  # what a relaunched process reads
 
 
+def dict_helpers() -> dict[str, set[str]]:
+    """Functions of the rules files that take no argument and return a dict literal (a rule's
+    section spreads them: ``**train_outputs()``) -> the keys of that dict."""
+    helpers = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        for name, body in re.findall(r"^def (\w+)\(\):\n((?:    .*\n|\s*\n)+)", smk.read_text(), re.M):
+            if re.search(r"^    return \{$", body, re.M):
+                helpers[name] = set(re.findall(r'^ {8}"(\w+)":', body, re.M))
+    return helpers
+
+
 def rule_names() -> dict[str, dict[str, set[str]]]:
-    """script file -> role -> the names the rules running it declare (every rule that runs it)."""
+    """script file -> role -> the names the rules running it declare (every rule that runs it);
+    ``**helper()`` in a section declares the keys of the dict ``helper`` returns."""
     found: dict[str, dict[str, set[str]]] = {}
+    helpers = dict_helpers()
     for smk in sorted((REPO / "rules").glob("*.smk")):
         for block in re.split(r"\n(?=\s*rule \w+:)", smk.read_text()):
             script = re.search(r'script:\s*\n\s*"\.\./(workflow_scripts/[\w/]+\.py)"', block)
@@ -42,6 +55,11 @@ def rule_names() -> dict[str, dict[str, set[str]]]:
                     roles[role] |= set(
                         re.findall(rf"^{section.group(1)} {{4}}(\w+)=", section.group(2), re.M)
                     )
+                    for spread in re.findall(
+                        rf"^{section.group(1)} {{4}}\*\*(\w+)\(\),", section.group(2), re.M
+                    ):
+                        assert helpers.get(spread), f"{smk.name}: {role}: **{spread}() is no dict helper"
+                        roles[role] |= helpers[spread]
     return found
 
 

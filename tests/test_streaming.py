@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, sample_rows
+from helpers import REPO, sample_rows
 from legacy_data_stages import legacy_download, legacy_format, legacy_preprocess
 
 from workflow_scripts.data import download_dataset, format_dataset, preprocess_dataset, sources

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from conftest import smk, write_config
+from helpers import smk, write_config
 
 from workflow_scripts.errors import ConfigError
 from workflow_scripts.sweeps import leaderboard
@@ -231,3 +231,33 @@ def test_a_point_without_validation_loss_is_an_error():
 
     with pytest.raises(StageError, match="has no validation loss"):
         leaderboard.build([_point("a", None, [1, 0])], "eval_loss")
+
+
+def test_each_point_is_bootstrapped_with_its_own_evaluation_settings(resolved_config):
+    """`evaluation` is sweepable and each point's compare uses its own bootstrap_samples and seed;
+    the leaderboard did use the base config's for every row (a row's interval then disagreed with
+    how its own compare was computed). Now each row uses its point's."""
+    grid = {"evaluation.bootstrap_samples": [150, 400], "evaluation.seed": [1]}
+    config = resolved_config({"sweep": {"name": "boot", "grid": grid}})
+    points = expand(config)
+    own = [leaderboard.bootstrap_settings(p.config["evaluation"]) for p in points]
+    base = leaderboard.bootstrap_settings(config["evaluation"])
+    assert [o["samples"] for o in own] == [150, 400] and all(o != base for o in own)
+
+    # enough prompts that intervals drawn with other settings differ
+    correct = [[(i * 7) % 3 == 0 for i in range(97)], [(i * 5) % 4 != 0 for i in range(97)]]
+    rows = []
+    for p, settings, c, loss in zip(points, own, correct, (1.0, 0.9), strict=True):
+        row = _point(p.name, loss, c)
+        row["bootstrap"] = settings
+        rows.append(row)
+    board = leaderboard.build(rows, "eval_loss")
+    for row, p, settings in zip(rows, points, own, strict=True):
+        shown = next(r for r in board["points"] if r["experiment"] == p.name)
+        expected = leaderboard.metric_table(row["predictions"], **settings)
+        assert shown["test"] == expected
+        assert shown["test"] != leaderboard.metric_table(row["predictions"], **base)
+    loser = next(r for r in board["points"] if not r["selected"])
+    (settings,) = [s for p, s in zip(points, own, strict=True) if p.name == loser["experiment"]]
+    delta = leaderboard.paired_delta(rows[1]["predictions"], rows[0]["predictions"], "correct", **settings)
+    assert loser["vs_selected"]["answer_accuracy"]["ci95"] == delta["ci95"]

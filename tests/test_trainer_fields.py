@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from workflow_scripts import trainer_fields
 from workflow_scripts.checks import check_trainer_section

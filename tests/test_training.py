@@ -11,8 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, build_tiny_llama, merge_job, write_formatted
-from conftest import train_job as make_train_job
+from helpers import REPO, build_tiny_llama, merge_job, write_formatted
+from helpers import train_job as make_train_job
 
 from workflow_scripts.data.tokens import TokensWriter, open_tokens
 from workflow_scripts.models.loading import load_chat_formatter

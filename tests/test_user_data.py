@@ -6,7 +6,7 @@ import os
 import pandas as pd
 import pytest
 import yaml
-from conftest import copy_run, new_workflow, planned_rules, preprocessed_rows, sample_rows, smk, write_config
+from helpers import copy_run, new_workflow, planned_rules, preprocessed_rows, sample_rows, smk, write_config
 
 from workflow_scripts.config import coerce_cli_strings
 from workflow_scripts.data import download_dataset
@@ -320,6 +320,7 @@ def qa_done(qa_run, tmp_path):
     return wf, wf / cfg.name, wf / folder.relative_to(src)
 
 
+@pytest.mark.e2e
 def test_qa_dataset_runs_through_configfile_to_the_end(qa_run):
     wf, cfg, _ = qa_run  # run to the end by the fixture
     res = wf / "results" / "qa"
@@ -332,6 +333,7 @@ def test_qa_dataset_runs_through_configfile_to_the_end(qa_run):
     assert planned_rules(wf, "all", cfg) == set()
 
 
+@pytest.mark.e2e
 def test_editing_one_data_file_reruns_the_data_stages(qa_done):
     wf, cfg, folder = qa_done
     assert planned_rules(wf, "all", cfg) == set()
@@ -352,6 +354,7 @@ def test_an_unrecognised_file_fails_at_load_naming_it(qa_workflow):
     assert not (wf / "results").exists()
 
 
+@pytest.mark.e2e
 def test_null_from_the_command_line_reaches_the_stage_as_null(qa_done):
     wf, cfg, _ = qa_done  # answer_regex defaults to null: the same preprocess folder, no new job
     smk(

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, build_tokenizer, save_lively_model, smk, write_config
+from helpers import REPO, build_tokenizer, save_lively_model, smk, write_config
 
 from workflow_scripts import chat
 from workflow_scripts.stage import Job, StageError

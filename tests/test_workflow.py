@@ -4,7 +4,7 @@ import json
 
 import pytest
 import yaml
-from conftest import planned_rules, smk, write_config
+from helpers import planned_rules, smk, write_config
 
 
 @pytest.mark.parametrize(
@@ -23,6 +23,7 @@ def test_bad_config_is_refused_before_any_job(workflow_copy, bad, key):
     assert not (workflow_copy / "results").exists()
 
 
+@pytest.mark.e2e
 def test_data_stages_rerun_only_what_a_change_touches(tiny_formatted):
     wf, cfg = tiny_formatted  # the session's `--until format_dataset` run, copied
     shared = wf / "results" / "shared"
@@ -42,6 +43,7 @@ def test_data_stages_rerun_only_what_a_change_touches(tiny_formatted):
     assert planned_rules(wf, "format_dataset", cfg, mf_change) == {"preprocess_dataset", "format_dataset"}
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "override, message",
     [

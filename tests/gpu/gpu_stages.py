@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, train_bpe_tokenizer, with_defaults, write_formatted
+from helpers import REPO, train_bpe_tokenizer, with_defaults, write_formatted
 
 from workflow_scripts.stage import Job
 

@@ -56,7 +56,7 @@ cd "$WORK"
 "$PY" - <<PYEOF
 import sys; sys.path.insert(0, "$REPO/tests")
 from pathlib import Path
-from conftest import save_tiny_model
+from helpers import save_tiny_model
 p = Path("tiny_model"); p.mkdir(); save_tiny_model(p.resolve())
 PYEOF
 cat > tiny.yaml <<YAML

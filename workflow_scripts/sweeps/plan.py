@@ -155,11 +155,18 @@ class Halving:
     def promotions(self) -> list[str]:
         return [self.promotion(r) for r in range(self.last)]
 
-    def promote_inputs(self, rung: str) -> dict:
-        """promote's inputs for rung ``rung`` (wildcard text): its records and, past rung 0, the
-        promotion that filled its slots (the records must hold its points)."""
-        r = int(rung)
-        return {"records": self.records(r), "previous": [self.promotion(r - 1)] if r > 0 else []}
+    def records_of(self, rung: str) -> list[str]:
+        """The records promote ranks for rung ``rung`` (wildcard text)."""
+        return self.records(int(rung))
+
+    def filled_by(self, rung: str) -> str:
+        """The promotion that filled the slots of rung ``rung`` > 0 (wildcard text)."""
+        return self.promotion(int(rung) - 1)
+
+    def checked_against(self, rung: str) -> list[str]:
+        """What promote checks rung ``rung``'s records against: past rung 0, the promotion that
+        filled its slots (the records must hold the points it names)."""
+        return [self.filled_by(rung)] if int(rung) > 0 else []
 
     def kept_after(self, rung: str) -> int:
         """How many points rung ``rung`` promotes: the next rung's slots."""
