@@ -293,6 +293,7 @@ def qa_files(workflow_copy, tiny_model_dir):
             "training": {"max_steps": 4, "eval_steps": 4, "save_steps": 4, "per_device_train_batch_size": 4},
             "evaluation": {"type_column": None, "max_examples": 6, "max_new_tokens": 8, "batch_size": 6},
             "wandb": {"mode": "disabled"},
+            "resources": {"threads": 1},  # independent stages run side by side on the 2 cores
         },
     )
     return workflow_copy, cfg, folder

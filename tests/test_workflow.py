@@ -88,6 +88,7 @@ def test_embedded_model_end_to_end(workflow_copy):
             # both general-ability jobs still run on the real model; 200 passages took ~36 s of them
             "general_ability": {"text_loss": {"passages": 16}},
             "wandb": {"mode": "disabled"},
+            "resources": {"threads": 1},  # independent stages run side by side on the 2 cores
         },
     )
     smk(workflow_copy, "--configfile", str(cfg))

@@ -201,12 +201,13 @@ class Reference:
 def check_file(path: Path, outtype: str, ref: Reference, cfg: dict, name: str) -> dict:
     """Load ``path`` back and compare it with the deployment model; the measures and the verdict."""
     from workflow_scripts.evaluation.generate import generate
-    from workflow_scripts.models.loading import load_gguf
+    from workflow_scripts.models.loading import gguf_parsed_once, load_gguf
 
     try:
-        meta = gguf_metadata(path)
         t0 = time.perf_counter()
-        model, gguf_chat = load_gguf(path)
+        with gguf_parsed_once():  # the metadata read here and by transformers' loader: one parse
+            meta = gguf_metadata(path)
+            model, gguf_chat = load_gguf(path)
     except Exception as exc:
         raise StageError(
             f"export: {name} cannot be read back ({type(exc).__name__}: {str(exc)[:300]})"

@@ -15,7 +15,7 @@ from workflow_scripts.credentials import hf_token
 from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models.embedded import EmbeddedModel, embedded_model
 from workflow_scripts.models.families import TEMPLATES, ChatFormatter, family_of
-from workflow_scripts.models.loading import ensure_pad_token
+from workflow_scripts.models.loading import ensure_pad_token, gguf_parsed_once
 from workflow_scripts.stage import Job, StageError, snakemake_main
 
 log = logging.getLogger("snaketune.prepare_base_model")
@@ -99,14 +99,16 @@ def _load(source: dict, model_cfg: dict):
     else:
         path = source["path"] if source["kind"] == "folder" else _download_hub(model_cfg)
         kw, dtype = {"trust_remote_code": model_cfg["trust_remote_code"]}, "auto"
-    family = family_of(AutoConfig.from_pretrained(path, **kw))
-    model = family.model_class().from_pretrained(path, dtype=dtype, **kw)
+    with gguf_parsed_once():  # a GGUF file's metadata parsed once for config, weights and tokenizer
+        family = family_of(AutoConfig.from_pretrained(path, **kw))
+        model = family.model_class().from_pretrained(path, dtype=dtype, **kw)
+        chat = ChatFormatter(family, family.load_template_owner(path, **kw))
     if source["kind"] == "gguf":
         # Dequantised weights are plain floats; drop the GGUF flag so the model can train and save.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    return model, ChatFormatter(family, family.load_template_owner(path, **kw))
+    return model, chat
 
 
 def install_fallback_template(chat: ChatFormatter, name: str) -> None:
