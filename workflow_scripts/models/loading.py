@@ -102,10 +102,10 @@ def gguf_parsed_once():
 
     original, readers = gguf.GGUFReader, {}
 
-    def reader(path, mode="r"):
-        key = (os.path.realpath(path), mode)
+    def reader(path, *mode):
+        key = (os.path.realpath(path), *mode)
         if key not in readers:
-            readers[key] = original(path, mode)
+            readers[key] = original(path, *mode)
         return readers[key]
 
     gguf.GGUFReader = reader  # transformers imports it from gguf when it loads a file
