@@ -178,6 +178,16 @@ def resources_for(group, gpu=False):
     return out
 
 
+def train_resources():
+    """The training rules' resources: resources_for("train", gpu=True), and for training.nodes > 1
+    the multi-node SLURM request (workflow_scripts/cluster.py: one task per node, GPUs per node)."""
+    out = resources_for("train", gpu=True)
+    if NODES > 1:
+        gpus, gpu_model = out.pop("gpu", 0), out.pop("gpu_model", None)
+        out.update(cluster.train_resources(NODES, gpus, gpu_model))
+    return out
+
+
 def format_params(wildcards):
     """The training keys format_dataset reads (so other training edits leave it alone)."""
     return layout.format_settings(FORMATTED[wildcards.fmt].config)

@@ -35,7 +35,7 @@ if HALVING:
             point=experiment_name_re(config),
         threads: config["resources"]["threads"]
         resources:
-            **resources_for("train", gpu=True),
+            **train_resources(),
         conda:
             ENV
         script:
@@ -89,7 +89,7 @@ if HALVING:
             slot=r"\d+",
         threads: config["resources"]["threads"]
         resources:
-            **resources_for("train", gpu=True),
+            **train_resources(),
         conda:
             ENV
         script:
@@ -119,7 +119,7 @@ if HALVING:
             experiment=HALVING.finalist_re,
         threads: config["resources"]["threads"]
         resources:
-            **resources_for("train", gpu=True),
+            **train_resources(),
         conda:
             ENV
         script:

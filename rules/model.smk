@@ -43,7 +43,7 @@ rule train:
         experiment=TRAINED_BY_TRAIN,
     threads: config["resources"]["threads"]
     resources:
-        **resources_for("train", gpu=True),
+        **train_resources(),
     conda:
         ENV
     script:

@@ -33,6 +33,8 @@ OWN_TRAINING_KEYS = {
     "overlength",
     "early_stopping_patience",
     "num_processes",
+    "nodes",
+    "master_port",
     "accelerate_config",
     "fast_path",
 }

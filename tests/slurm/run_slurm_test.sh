@@ -1,52 +1,17 @@
 #!/usr/bin/env bash
-# Prove the SLURM profile on a real SLURM: start a single-node cluster on this machine (Debian
-# slurm-wlm + munge; needs root), run the workflow through profiles/slurm down to the merged
-# model on a tiny config, and check every job went through sbatch. Used by `make test-slurm`.
+# Prove the SLURM profile on a real SLURM: start a 2-node cluster on this machine (Debian slurm-wlm +
+# munge; needs root; tests/slurm/start_cluster.sh), run the workflow through profiles/slurm down to the
+# merged model on a tiny config, and check every job went through sbatch; then one training across the
+# two nodes (training.nodes: 2): both nodes ran a rank, its loss curve equals a 1-node 2-process run of
+# the same global batch, and a SIGKILL of one node's launcher mid-run followed by a re-run resumes.
+# Used by `make test-slurm`.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 PY="${PYTHON:-python}"
 [ "$(id -u)" = 0 ] || { echo "make test-slurm needs root (it starts slurmctld/slurmd/munged)"; exit 2; }
 
-if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
-fi
-
-HOST="$(hostname -s)"
-CPUS="$(nproc)"
-MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
-CONF_DIR=/etc/slurm
-mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
-cat > "$CONF_DIR/slurm.conf" <<CONF
-ClusterName=snaketune-test
-SlurmctldHost=$HOST
-SlurmUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-MinJobAge=3600
-ReturnToService=2
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
-SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
-NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
-CONF
-
-# munge: a key, then the daemon; slurm daemons (restarted if already running)
-[ -s /etc/munge/munge.key ] || { mkdir -p /etc/munge; dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key 2>/dev/null; }
-chown -R munge:munge /etc/munge /run/munge 2>/dev/null || true
-chmod 400 /etc/munge/munge.key
-pgrep -x munged >/dev/null || su -s /bin/sh munge -c "munged" || munged --force
-pkill -x slurmctld 2>/dev/null || true; pkill -x slurmd 2>/dev/null || true; sleep 1
-slurmctld -c   # clean state
-slurmd
-for _ in $(seq 30); do sinfo -h -o %T 2>/dev/null | grep -qE "idle|mix" && break; sleep 1; done
-sinfo
+# a 2-node cluster on this machine (it stays up afterwards: the same script starts it by hand)
+bash "$REPO/tests/slurm/start_cluster.sh" 2
 
 WORK="$(mktemp -d /tmp/snaketune-slurm.XXXX)"
 cp -r "$REPO/Snakefile" "$REPO/config.yaml" "$REPO/rules" "$REPO/schemas" "$REPO/envs" "$REPO/profiles" "$WORK/"
@@ -96,4 +61,61 @@ echo "jobs submitted through sbatch: $n ($(echo $ids | tr '\n' ' '))"
 for id in $ids; do
   scontrol show job "$id" | grep -E "JobState=COMPLETED" >/dev/null || { echo "job $id not COMPLETED:"; scontrol show job "$id"; exit 1; }
 done
-echo "SLURM test passed: $n jobs went through sbatch and completed; run in $WORK"
+echo "single-node SLURM part passed: $n jobs went through sbatch and completed"
+
+# --- one training across two nodes ------------------------------------------------------------
+SMK=("$PY" -m snakemake --profile profiles/slurm --slurm-no-account --slurm-status-command squeue)
+common="max_steps: 6, eval_steps: 2, save_steps: 2, per_device_train_batch_size: 2, learning_rate: 0.01"
+cat > nodes2.yaml <<YAML
+experiment: nodes2
+training: {nodes: 2, num_processes: 1, $common}
+YAML
+cat > procs2.yaml <<YAML
+experiment: procs2
+training: {nodes: 1, num_processes: 2, $common}
+YAML
+"${SMK[@]}" --until train --configfile tiny.yaml nodes2.yaml 2>&1 | tee slurm_nodes2.log
+"${SMK[@]}" --until train --configfile tiny.yaml procs2.yaml 2>&1 | tee slurm_procs2.log
+"$PY" - <<'PYEOF'
+import csv, json, math
+two_nodes = json.load(open("results/nodes2/training/run.json"))
+one_node = json.load(open("results/procs2/training/run.json"))
+assert two_nodes["world_size"] == 2 and two_nodes["nodes"] == ["n1", "n2"], two_nodes
+assert two_nodes["processes_per_node"] == 1 and one_node["world_size"] == 2 and len(one_node["nodes"]) == 1, one_node
+def losses(name):
+    rows = csv.DictReader(open(f"results/{name}/training/metrics.csv"))
+    return {int(r["step"]): (r["loss"], r["eval_loss"]) for r in rows}
+a, b = losses("nodes2"), losses("procs2")
+assert a.keys() == b.keys() and len(a) >= 6, (a, b)
+for step in a:
+    for x, y in zip(a[step], b[step]):
+        assert (x == y == "") or math.isclose(float(x), float(y), rel_tol=1e-4, abs_tol=1e-5), (step, a[step], b[step])
+print(f"2 nodes x 1 process == 1 node x 2 processes: losses at steps {sorted(a)} agree; nodes {two_nodes['nodes']}")
+PYEOF
+
+# SIGKILL node n2's launcher mid-run: the job fails; a re-run resumes from the last whole checkpoint
+cat > kill.yaml <<YAML
+experiment: nodes2-kill
+training: {nodes: 2, num_processes: 1, max_steps: 16, eval_steps: 4, save_steps: 2, per_device_train_batch_size: 2}
+YAML
+"${SMK[@]}" --retries 0 --until train --configfile tiny.yaml kill.yaml > slurm_kill.log 2>&1 &
+pid=$!
+for _ in $(seq 600); do
+  ls results/nodes2-kill/checkpoints/checkpoint-4/trainer_state.json >/dev/null 2>&1 && break
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.5
+done
+test -f results/nodes2-kill/checkpoints/checkpoint-4/trainer_state.json || { cat slurm_kill.log; echo "no checkpoint-4"; exit 1; }
+pkill -9 -f "torch.distributed.run --nnodes 2 --node_rank 1" || { echo "no launcher of node rank 1 to kill"; exit 1; }
+if wait $pid; then echo "the killed run did not fail"; exit 1; fi
+grep -q "resuming from" results/nodes2-kill/logs/train.log && { echo "the first run resumed?"; exit 1; }
+"${SMK[@]}" --until train --configfile tiny.yaml kill.yaml 2>&1 | tee slurm_resume.log
+"$PY" - <<'PYEOF'
+import json
+log = open("results/nodes2-kill/logs/train.log").read()
+run = json.load(open("results/nodes2-kill/training/run.json"))
+assert "resuming from checkpoint-" in log, log[-3000:]
+assert run["global_step"] == 16 and run["resumed_from"] and run["nodes"] == ["n1", "n2"], run
+print(f"killed on n2 mid-run, re-run resumed from {run['resumed_from']} to step {run['global_step']}")
+PYEOF
+echo "SLURM test passed: single-node jobs, 2-node training, resume after a node's launcher was killed; run in $WORK"

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from workflow_scripts.files import write_json
+from workflow_scripts.stage import StageError
 
 log = logging.getLogger("snaketune.train")
 
@@ -103,6 +104,24 @@ def load_checkpoint(trainer, checkpoint: Path) -> None:
 
     set_peft_model_state_dict(trainer.model, load_file(checkpoint / "adapter_model.safetensors"))
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
+def checkpoint_world_size(checkpoint: Path) -> int:
+    """How many training processes wrote ``checkpoint``: the trainer saves one RNG state per process
+    (rng_state_{rank}.pth), or rng_state.pth when there is one."""
+    return len(list(Path(checkpoint).glob("rng_state_*.pth"))) or 1
+
+
+def check_world_size(checkpoint: Path, world_size: int) -> None:
+    """A run resumes only a checkpoint of its own world size: each process continues its own RNG
+    state and data shard (the trainer would only warn about a missing one)."""
+    written = checkpoint_world_size(checkpoint)
+    if written != world_size:
+        raise StageError(
+            f"{checkpoint}: written by {written} training processes, this run has {world_size} "
+            "(training.nodes x processes per node); resuming needs the same number: set them back, or "
+            f"delete {Path(checkpoint).parent} to train from scratch"
+        )
 
 
 def fingerprint(training: dict, peft: dict, files: list[str]) -> str:

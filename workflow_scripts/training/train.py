@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from workflow_scripts import cluster
 from workflow_scripts.data.tokens import open_tokens
 from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models.families import ModelFamily, family_of
@@ -31,6 +32,7 @@ from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 from workflow_scripts.trainer_fields import lora_kwargs, trainer_kwargs
 from workflow_scripts.training import launch
 from workflow_scripts.training.checkpoints import (
+    check_world_size,
     checkpoint_step,
     fingerprint,
     load_checkpoint,
@@ -71,12 +73,18 @@ def run(job: Job) -> dict:
         log.info("no complete checkpoint in %s: training from scratch", checkpoint_dir)
     if rung:
         rung.discard_later_checkpoints(checkpoint_dir, resume)
-    nproc = launch.num_processes(training, job.params.gpus)
-    if nproc > 1:
-        # by import name: as a Snakemake script this file runs as __main__, which a child cannot import
-        launch.relaunch(job, nproc, resume, checkpoint_dir, "workflow_scripts.training.train:train_process")
-        return json.loads(Path(job.output.get("run_info") or job.output.record).read_text())
-    return train_process(job, resume)
+    nproc, nodes = launch.num_processes(training, job.params.gpus), training["nodes"]
+    if resume is not None:
+        check_world_size(resume, nodes * nproc)
+    # by import name: as a Snakemake script this file runs as __main__, which a child cannot import
+    entry = "workflow_scripts.training.train:train_process"
+    if nodes > 1:
+        launch.relaunch_nodes(job, nodes, nproc, resume, checkpoint_dir, entry)
+    elif nproc > 1:
+        launch.relaunch(job, nproc, resume, checkpoint_dir, entry)
+    else:
+        return train_process(job, resume)
+    return json.loads(Path(job.output.get("run_info") or job.output.record).read_text())
 
 
 def train_process(job: Job, resume: Path | None) -> dict:
@@ -116,6 +124,7 @@ def train_process(job: Job, resume: Path | None) -> dict:
         metrics.restore(resume)  # the steps logged before the crash stay in metrics.csv
     trainer.add_callback(metrics)
     info["world_size"] = trainer.args.world_size
+    ran_on = node_names()  # every rank takes part
     log.info("trainable parameters: %s", trainer.model.get_nb_trainable_parameters())
     log.info("training set-up: %s", info)
 
@@ -154,6 +163,9 @@ def train_process(job: Job, resume: Path | None) -> dict:
         "git_commit": git_commit(),
         "seed": trainer.args.seed,
         "device": device,
+        "world_size": trainer.args.world_size,
+        "nodes": ran_on,  # the nodes that ran ranks, in rank order
+        "processes_per_node": trainer.args.world_size // len(ran_on),
         "setup": info,
         "resumed_from": resume.name if resume else None,
         "checkpoint_dir": str(job.params.checkpoint_dir),  # a halving finalist's: its point's folder
@@ -173,6 +185,16 @@ def train_process(job: Job, resume: Path | None) -> dict:
 
 
 # ---------------------------------------------------------------- set-up
+def node_names() -> list[str]:
+    """The nodes the training's ranks run on, in rank order (a collective: every rank calls it)."""
+    name = cluster.node_name()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [name]
+    names = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(names, name)
+    return list(dict.fromkeys(names))
+
+
 def lora_config_for(model, peft_cfg: dict, family: ModelFamily):
     """The LoraConfig of the `peft` section, on the Linear layers the model's family allows."""
     from peft import LoraConfig
