@@ -40,7 +40,7 @@ onstart:
     # Several nodes train only as a SLURM job: refused before the first job of any other executor.
     if NODES > 1 and "slurm" not in workflow.executor_plugin.name:
         raise WorkflowError(
-            f"Invalid configuration: training.nodes: {NODES} nodes need the SLURM executor "
+            f"Invalid configuration: training.nodes: {NODES} nodes need SLURM: run with the SLURM executor "
             f"(--profile profiles/slurm); this run uses {workflow.executor_plugin.name!r}"
         )
 

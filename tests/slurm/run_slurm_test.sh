@@ -65,7 +65,7 @@ echo "single-node SLURM part passed: $n jobs went through sbatch and completed"
 
 # --- one training across two nodes ------------------------------------------------------------
 SMK=("$PY" -m snakemake --profile profiles/slurm --slurm-no-account --slurm-status-command squeue)
-common="max_steps: 6, eval_steps: 2, save_steps: 2, per_device_train_batch_size: 2, learning_rate: 0.01"
+common="max_steps: 6, logging_steps: 1, eval_steps: 2, save_steps: 2, per_device_train_batch_size: 2, learning_rate: 0.01"
 cat > nodes2.yaml <<YAML
 experiment: nodes2
 training: {nodes: 2, num_processes: 1, $common}
@@ -86,12 +86,19 @@ def losses(name):
     rows = csv.DictReader(open(f"results/{name}/training/metrics.csv"))
     return {int(r["step"]): (r["loss"], r["eval_loss"]) for r in rows}
 a, b = losses("nodes2"), losses("procs2")
-assert a.keys() == b.keys() and len(a) >= 6, (a, b)
+assert sorted(a) == sorted(b) == list(range(1, 7)), (a, b)  # a loss at every step, evaluations at 2, 4, 6
 for step in a:
     for x, y in zip(a[step], b[step]):
         assert (x == y == "") or math.isclose(float(x), float(y), rel_tol=1e-4, abs_tol=1e-5), (step, a[step], b[step])
 print(f"2 nodes x 1 process == 1 node x 2 processes: losses at steps {sorted(a)} agree; nodes {two_nodes['nodes']}")
 PYEOF
+
+# more nodes than the partition has: refused at load, naming the key
+if "${SMK[@]}" -n --configfile tiny.yaml --config 'training={nodes: 3}' > slurm_nodes3.log 2>&1; then
+  echo "training.nodes: 3 on a 2-node partition was accepted"; exit 1
+fi
+grep -q "Invalid configuration: training.nodes: 3, but SLURM partition debug has 2 node(s)" slurm_nodes3.log \
+  || { tail -20 slurm_nodes3.log; exit 1; }
 
 # SIGKILL node n2's launcher mid-run: the job fails; a re-run resumes from the last whole checkpoint
 cat > kill.yaml <<YAML
