@@ -57,6 +57,7 @@ def test_several_nodes_need_slurm_at_load(resolved_config, monkeypatch, tmp_path
     assert cluster.sweep_nodes(expand(resolved_config())) == 1
 
 
+@pytest.mark.e2e  # a real (not dry) Snakemake run, refused before its first job
 def test_a_local_run_of_several_nodes_is_refused_before_any_job(workflow_copy):
     """Without sbatch the Snakefile refuses it at load; where SLURM is installed (make test-slurm
     leaves it so) but the run is local, before its first job (onstart): one line either way."""

@@ -57,9 +57,12 @@ def check_nodes(nodes: int, partition: str | None) -> None:
     if sinfo is None:
         return
     cmd = [sinfo, "-h", "-o", "%P %D"] + (["-p", partition] if partition else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
         return  # SLURM does not answer here: sbatch will say so at submission
+    if proc.returncode != 0:
+        return
     sizes = {}
     for line in proc.stdout.split("\n"):
         if line.strip():
