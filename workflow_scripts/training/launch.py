@@ -134,7 +134,7 @@ def node_main(spec_path: str) -> None:
             spec["nodes"],
             cluster.node_rank(),
             cluster.master_addr(),
-            cluster.master_port(training.get("master_port")),
+            cluster.master_port(training["master_port"]),
         )
     except cluster.LaunchError as exc:
         sys.exit(f"snaketune node launcher on {cluster.node_name()}: {exc}")
