@@ -250,7 +250,9 @@ def child_parallelism(spec: dict) -> dict:
 
     train, model, procs = spec["train"], spec["model"], spec["procs"]
     probe = next(batches_of(train, rows=formatting.PROBE_ROWS))
-    renderer, backend, why = formatting.prepare_light(model, spec["max_length"], spec["overlength"], probe)
+    renderer, backend, why = formatting.prepare_light(
+        model, spec["max_length"], spec["overlength"], {}, probe
+    )
     if why:
         return {"error": why}
     os.environ["TOKENIZERS_PARALLELISM"] = "true"  # the tokenizer's own pool, one thread per core
@@ -261,7 +263,7 @@ def child_parallelism(spec: dict) -> dict:
     rows = sum(light.train_batch(batch)[0].num_rows for batch in batches_of(train))
     threads_s = time.perf_counter() - start
     start = time.perf_counter()
-    workers = formatting.Workers(procs, model, spec["max_length"], spec["overlength"], probe, rows=rows)
+    workers = formatting.Workers(procs, model, spec, probe, rows=rows)
     started = time.perf_counter()
     try:
         assert sum(r[0].num_rows for r in workers.map(("train", b) for b in batches_of(train))) == rows

@@ -96,6 +96,18 @@ def export_inputs(e):
     return {"deployment_dir": f"{e.root}/deployment_model", "test": f"{e.formatted}/test.parquet"}
 
 
+def exportable_inputs(e):
+    """export_inputs, once the base model is known to be exportable: a model llama.cpp's converter
+    cannot take is refused while the workflow plans, naming its architecture, not after training."""
+    from workflow_scripts.models import llama_cpp
+
+    model_config = llama_cpp.known_model_config(e.config["model"], e.base_model)
+    refusal = model_config and llama_cpp.export_refusal(model_config)
+    if refusal:
+        raise WorkflowError(f"Invalid configuration: model.id {e.config['model']['id']}: {refusal}")
+    return export_inputs(e)
+
+
 def push_inputs(e):
     """What push_to_hub reads of an experiment."""
     return {

@@ -8,7 +8,7 @@ EXPORT_NAME = export_name()
 
 rule export_gguf:
     input:
-        unpack(publish_input(export_inputs)),
+        unpack(publish_input(exportable_inputs)),
     output:
         gguf=[pub(f"export/{EXPORT_NAME}-{t}.gguf") for t in PRIMARY.config["export"]["outtypes"]],
         report=pub("export/export_report.json"),

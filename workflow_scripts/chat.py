@@ -22,6 +22,7 @@ point ``--point`` names (workflow_scripts.winner picks it, as for export_gguf an
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -143,6 +144,8 @@ class Chat:
     def __init__(self, model, formatter, fmt: PromptFormat, settings):
         from workflow_scripts.evaluation.generate import eos_ids
 
+        # rendered with the template options the training data was rendered with
+        formatter = dataclasses.replace(formatter, template_kwargs=fmt.template_kwargs)
         self.model, self.formatter, self.fmt, self.settings = model, formatter, fmt, settings
         self.tok = formatter.tokenizer
         self.stop_ids = eos_ids(model, self.tok)

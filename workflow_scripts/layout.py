@@ -168,8 +168,12 @@ GENERAL_COMPARE_ONLY = ("tolerance", "exclude_from_winning")
 
 
 def format_settings(config: dict) -> dict:
-    """What format_dataset reads of the config (its folder's key hashes exactly this)."""
-    return {k: config["training"][k] for k in FORMAT_KEYS}
+    """What format_dataset reads of the config (its folder's key hashes exactly this): the training
+    keys, and the chat template's options where there are any (none keeps the folders of before)."""
+    settings = {k: config["training"][k] for k in FORMAT_KEYS}
+    if config["model"].get("chat_template_kwargs"):
+        settings["chat_template_kwargs"] = config["model"]["chat_template_kwargs"]
+    return settings
 
 
 def evaluation_settings(config: dict) -> dict:

@@ -88,9 +88,11 @@ def run(job: Job) -> dict:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     stats = {"max_length": fmt["max_length"], "overlength": fmt["overlength"]}
     stats["chat_template"] = manifest.get("chat_template", "model")
+    if fmt.get("chat_template_kwargs"):  # the template's options: chat and export render with them too
+        stats["chat_template_kwargs"] = fmt["chat_template_kwargs"]
     probe = next(batches_of(job.input.train, rows=formatting.PROBE_ROWS), [])
     rows = sum(pq.ParquetFile(job.input[s]).metadata.num_rows for s in ("train", "validation", "test"))
-    workers = Workers(max(1, int(job.threads)), model_dir, fmt["max_length"], fmt["overlength"], probe, rows)
+    workers = Workers(max(1, int(job.threads)), model_dir, fmt, probe, rows)
     log.info("format_dataset: %s", workers.mode)
     try:
         with contextlib.ExitStack() as outputs:  # every output kept, or none

@@ -148,21 +148,46 @@ def _encoder(backend):
     return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
-def full_formatter(model_dir: str, max_length: int, overlength: str) -> Formatter:
+def full_formatter(model_dir: str, max_length: int, overlength: str, template_kwargs: dict) -> Formatter:
     """The model's own chat template owner and tokenizer (loads transformers and torch)."""
     from workflow_scripts.models.loading import load_chat_formatter, load_tokenizer
 
-    return Formatter(
-        load_chat_formatter(model_dir), TokenizerEncoder(load_tokenizer(model_dir)), max_length, overlength
-    )
+    chat = load_chat_formatter(model_dir, template_kwargs)
+    return Formatter(chat, TokenizerEncoder(load_tokenizer(model_dir)), max_length, overlength)
 
 
-def prepare_light(model_dir: str, max_length: int, overlength: str, probe: list[dict]):
+def check_template_renders(chat: ChatFormatter, model_dir: str, probe: list[dict]) -> None:
+    """The template renders the first conversation, or one line naming why: several templates
+    refuse a system message (Gemma 2, Mistral's) with a Jinja exception, never a traceback."""
+    from jinja2.exceptions import TemplateError
+
+    if not probe:
+        return
+    messages = probe[0]["messages"]
+    try:
+        render_example(chat, messages)
+    except TemplateError as exc:
+        roles = "/".join(m["role"] for m in messages)
+        fix = ""
+        if any(m["role"] == "system" for m in messages):
+            fix = (
+                "; this template takes no system message: put the system prompt into the first user "
+                'message in messages_format.messages (e.g. `{role: user, content: "{system_prompt}\n\n'
+                '{question}"}`) and drop the system message'
+            )
+        raise StageError(
+            f"format_dataset: the chat template of {model_dir} refuses a {roles} conversation "
+            f"({type(exc).__name__}: {exc}){fix}"
+        ) from None
+
+
+def prepare_light(model_dir: str, max_length: int, overlength: str, template_kwargs: dict, probe: list[dict]):
     """(renderer, tokenizer backend, None), or (None, None, why not): the light formatter's parts,
     checked on ``probe`` rows to format exactly as the model's own template owner and tokenizer
     call do (``tokenize``), after the trip to another process (pickled). Run in a short-lived
     process, so the stage's own process never loads torch."""
-    full = full_formatter(model_dir, max_length, overlength)
+    full = full_formatter(model_dir, max_length, overlength, template_kwargs)
+    check_template_renders(full.chat, model_dir, probe)
     renderer, backend = full.chat.portable(), full.encode.backend
     if renderer is None:
         return None, None, "the chat template belongs to a processor"
@@ -222,22 +247,22 @@ class Workers:
     AHEAD_PER_WORKER batches per worker outstanding; a worker that dies (killed, out of memory)
     ends the stage with one line, never a hang."""
 
-    def __init__(
-        self, threads: int, model_dir: str, max_length: int, overlength: str, probe: list[dict], rows: int
-    ):
+    def __init__(self, threads: int, model_dir: str, fmt: dict, probe: list[dict], rows: int):
         self.pool, ctx = None, multiprocessing.get_context("spawn")  # fork would copy threads' locks
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one kind of parallelism: the processes
         in_process = threads <= 1 or rows <= threads * IN_PROCESS_BATCHES * sources.BATCH_ROWS
+        max_length, overlength = fmt["max_length"], fmt["overlength"]
+        template_kwargs = fmt.get("chat_template_kwargs") or {}
+        setup = (model_dir, max_length, overlength, template_kwargs, probe)
         if in_process:  # no need to keep torch out of this process
-            renderer, backend, why = prepare_light(model_dir, max_length, overlength, probe)
+            renderer, backend, why = prepare_light(*setup)
         else:  # checked in a process of its own, so this one never loads torch
             with _main_not_rerun(), ProcessPoolExecutor(1, mp_context=ctx) as helper:
-                renderer, backend, why = _result(
-                    helper.submit(prepare_light, model_dir, max_length, overlength, probe)
-                )
+                renderer, backend, why = _result(helper.submit(prepare_light, *setup))
         if why:
             log.warning("format_dataset: formatting in one process with the model's own tokenizer (%s)", why)
-            self.local, self.mode = full_formatter(model_dir, max_length, overlength), f"1 process ({why})"
+            full = full_formatter(model_dir, max_length, overlength, template_kwargs)
+            self.local, self.mode = full, f"1 process ({why})"
         elif in_process:
             self.local, self.mode = (
                 Formatter(renderer, _encoder(backend), max_length, overlength),

@@ -22,6 +22,9 @@ class PromptFormat:
     context: list[dict] = field(default_factory=list)  # turns before the question (the system prompt)
     user_prefix: str = ""  # text the user template puts around the question
     user_suffix: str = ""
+    template_kwargs: dict = field(
+        default_factory=dict
+    )  # the chat template's options (model.chat_template_kwargs)
     source: str | None = None  # the artifact it was read from
 
     @property
@@ -67,14 +70,16 @@ def prompt_format(experiment_dir: Path) -> PromptFormat:
 
 def prompt_format_of(path: Path | None) -> PromptFormat:
     """The prompt format of the test prompts in ``path`` (formatted or preprocessed test.parquet):
-    the turns before the last user message (equal in every row) and the text the user template
-    writes around the question."""
+    the turns before the last user message (equal in every row), the text the user template
+    writes around the question, and the chat template's options the split was rendered with."""
     if path is None:
         return PromptFormat()
     path = Path(path)
+    stats = path.parent / "stats.json"  # format_dataset's statistics record the template's options
+    kwargs = json.loads(stats.read_text()).get("chat_template_kwargs") or {} if stats.is_file() else {}
     rows = [r for r in _test_rows(path) if r.get("messages") and r["messages"][-1]["role"] == "user"]
     if not rows:
-        return PromptFormat(source=str(path))
+        return PromptFormat(template_kwargs=kwargs, source=str(path))
     contexts = [r["messages"][:-1] for r in rows]
     context = contexts[0] if all(c == contexts[0] for c in contexts) else []
     if not context:  # turns differ per row: keep only a system prompt they share
@@ -86,4 +91,6 @@ def prompt_format_of(path: Path | None) -> PromptFormat:
         at = content.find(query) if query else -1
         wraps.add((content[:at], content[at + len(query) :]) if at >= 0 else None)
     prefix, suffix = wraps.pop() if len(wraps) == 1 and None not in wraps else ("", "")
-    return PromptFormat(context=context, user_prefix=prefix, user_suffix=suffix, source=str(path))
+    return PromptFormat(
+        context=context, user_prefix=prefix, user_suffix=suffix, template_kwargs=kwargs, source=str(path)
+    )

@@ -15,7 +15,7 @@ of) and its tests (tests/test_families.py).
 import inspect
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -213,10 +213,13 @@ def family_of(config) -> ModelFamily:
 
 @dataclass(frozen=True)
 class ChatFormatter:
-    """A model's chat template owner (tokenizer or processor) with its family's message shape."""
+    """A model's chat template owner (tokenizer or processor) with its family's message shape, and
+    the options every render passes to the template (`model.chat_template_kwargs`, e.g. Qwen3's
+    ``enable_thinking``)."""
 
     family: ModelFamily
     owner: Any
+    template_kwargs: dict = field(default_factory=dict)
 
     @property
     def tokenizer(self):
@@ -225,7 +228,10 @@ class ChatFormatter:
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.owner.apply_chat_template(
-            self.family.chat_messages(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            self.family.chat_messages(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **self.template_kwargs,
         )
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -238,7 +244,9 @@ class ChatFormatter:
         if self.family.template_owner != "tokenizer" or not hasattr(self.owner, "get_chat_template"):
             return None
         return TemplateRenderer(
-            self.family.name, self.owner.get_chat_template(None, None), dict(self.owner.special_tokens_map)
+            self.family.name,
+            self.owner.get_chat_template(None, None),
+            {**self.owner.special_tokens_map, **self.template_kwargs},
         )
 
 

@@ -84,10 +84,11 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def load_chat_formatter(model_dir: str | Path) -> ChatFormatter:
-    """The model's chat template owner (processor or tokenizer, as its family says)."""
+def load_chat_formatter(model_dir: str | Path, template_kwargs: dict | None = None) -> ChatFormatter:
+    """The model's chat template owner (processor or tokenizer, as its family says), rendering
+    with ``template_kwargs`` (`model.chat_template_kwargs`)."""
     family = family_of(model_dir)
-    formatter = ChatFormatter(family, family.load_template_owner(model_dir))
+    formatter = ChatFormatter(family, family.load_template_owner(model_dir), dict(template_kwargs or {}))
     ensure_pad_token(formatter.tokenizer)
     return formatter
 

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from workflow_scripts.files import atomic_path, write_json
-from workflow_scripts.models.loading import load_chat_formatter, load_model, load_tokenizer
+from workflow_scripts.models.loading import load_chat_formatter, load_model
 from workflow_scripts.models.model_card import merge_card
 from workflow_scripts.data.streams import batches_of
 from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
@@ -50,7 +50,8 @@ def run(job: Job) -> dict:
     prompts = [row["prompt_text"] for row in first]
     if not prompts:
         raise StageError(f"merge: no test prompts in {test_path} to verify the merge with")
-    tok = load_tokenizer(base_dir)
+    formatter = load_chat_formatter(base_dir)
+    tok = formatter.tokenizer  # loaded once: a 262k-token vocabulary takes seconds
     dtype = torch.float32  # merge and verify in fp32: the tolerance is meaningful there
     adapted = PeftModel.from_pretrained(load_model(base_dir, dtype=dtype), adapter_dir)
     reference = prompt_logits(adapted, tok, prompts)
@@ -58,7 +59,6 @@ def run(job: Job) -> dict:
     run_info = json.loads(Path(job.input.run_info).read_text())
     with atomic_path(job.output.deployment_dir, is_dir=True) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        formatter = load_chat_formatter(base_dir)
         formatter.save_pretrained(tmp)
         if formatter.owner is not formatter.tokenizer:
             tok.save_pretrained(tmp)  # beside a processor, the tokenizer's own files too

@@ -189,7 +189,7 @@ intervals (`*`: the interval excludes zero).
     if gguf:
         body += (
             "\n## GGUF\n\nFor llama.cpp, Ollama and LM Studio, converted with llama.cpp's `convert_hf_to_gguf` "
-            "and checked against this model (chat template and end-of-turn tokens included):\n\n"
+            "and checked in llama.cpp against this model (weights, vocabulary, chat template and end-of-turn tokens):\n\n"
             "| file | type | size | check |\n|---|---|---:|---|\n"
         )
         body += "".join(

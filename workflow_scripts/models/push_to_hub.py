@@ -48,10 +48,10 @@ def exported_gguf(export_report: str | None, deployment_dir: str) -> tuple[list[
         path = folder / f["file"]
         if not path.is_file():
             continue
-        if f["checked_by"] == "logits":
-            check = f"max logit diff {f['max_logit_diff']:.1e}"
-        else:
-            check = f"greedy answers identical on {f['greedy_identical']} test prompts"
+        check = (
+            f"in llama.cpp: mean KL {f['mean_kl']:.1e} from this model, greedy answers identical on "
+            f"{f['greedy_identical']} test prompts"
+        )
         rows.append({"file": f["file"], "outtype": outtype, "bytes": path.stat().st_size, "check": check})
         plan.append((str(path), f["file"]))
     if plan:
