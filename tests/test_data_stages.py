@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -261,3 +262,84 @@ def test_a_bad_row_in_a_worker_process_is_one_line(preprocessed, tiny_model_dir,
     with pytest.raises(StageError, match="formatting a train batch failed: .*a BOOM row"):
         format_dataset.run(job)
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.arrow").exists()
+
+
+def model_with_template_prefix(tiny_model_dir, dest: Path, prefix: str) -> Path:
+    """A copy of the tiny model whose chat template starts with ``prefix``."""
+    shutil.copytree(tiny_model_dir, dest)
+    template = dest / "chat_template.jinja"
+    template.write_text(prefix + template.read_text())
+    return dest
+
+
+def test_a_template_that_refuses_a_system_message_is_one_line(preprocessed, tiny_model_dir, tmp_path):
+    """Several templates (Gemma 2's, Mistral's) raise on a system message: the stage ends at once
+    with one line naming the model and the fix, never a Jinja traceback, and keeps nothing."""
+    model = model_with_template_prefix(
+        tiny_model_dir,
+        tmp_path / "model",
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}",
+    )
+    rows = pd.read_parquet(preprocessed["train"])
+    assert rows["messages"][0][0]["role"] == "system"  # the seed's format has a system prompt
+    out = outputs(tmp_path, "fmt")
+    with pytest.raises(StageError) as err:
+        format_splits(
+            preprocessed,
+            str(model),
+            out,
+            str(tmp_path / "s.json"),
+            {"max_length": 4096, "overlength": "drop"},
+        )
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"format_dataset: the chat template of {model} refuses a system/user/assistant conversation "
+        "(TemplateError: System role not supported); this template takes no system message: put the "
+        "system prompt into the first user message in messages_format.messages"
+    ), message
+    assert not (tmp_path / "fmt").exists() and not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chat_template_kwargs_reach_every_rendering(
+    preprocessed, tiny_model_dir, tmp_path, monkeypatch, threads
+):
+    """model.chat_template_kwargs (e.g. Qwen3's enable_thinking) are passed to the template in the
+    stage's own process and in its worker processes, recorded in stats.json, and read back with the
+    prompt format (the chat command and export_gguf render with them)."""
+    from workflow_scripts.data import formatting, sources
+    from workflow_scripts.evaluation.prompt_format import prompt_format_of
+
+    monkeypatch.setattr(sources, "BATCH_ROWS", 16)  # several batches: the workers run with threads 2
+    monkeypatch.setattr(formatting, "IN_PROCESS_BATCHES", 1)
+    model = model_with_template_prefix(
+        tiny_model_dir,
+        tmp_path / "model",
+        "{% if enable_thinking is defined and not enable_thinking %}NOTHINK {% endif %}",
+    )
+    out = outputs(tmp_path, "fmt")
+    fmt = {"max_length": 4096, "overlength": "drop", "chat_template_kwargs": {"enable_thinking": False}}
+    job = Job(
+        input={**preprocessed, "model_dir": str(model)},
+        output={**out, "stats": str(tmp_path / "fmt" / "stats.json")},
+        params={"format": fmt},
+        threads=threads,
+    )
+    stats = format_dataset.run(job)
+    for split in SPLITS:
+        prompts = pd.read_parquet(out[split])["prompt_text"]
+        assert prompts.str.startswith("NOTHINK <|im_start|>").all(), split
+    assert stats["chat_template_kwargs"] == {"enable_thinking": False}
+    assert prompt_format_of(out["test"]).template_kwargs == {"enable_thinking": False}
+
+
+def test_chat_template_kwargs_key_the_formatted_data_only_when_set(resolved_config):
+    from workflow_scripts.layout import format_settings, locate
+
+    plain = resolved_config()
+    assert plain["model"]["chat_template_kwargs"] == {}  # the schema's default: the template as it is
+    assert "chat_template_kwargs" not in format_settings(plain)  # so the folders of before stay
+    options = resolved_config({"model": {"chat_template_kwargs": {"enable_thinking": False}}})
+    assert format_settings(options)["chat_template_kwargs"] == {"enable_thinking": False}
+    before, after = locate("e", plain), locate("e", options)
+    assert after.formatted != before.formatted and after.preprocessed == before.preprocessed

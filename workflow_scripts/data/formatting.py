@@ -172,7 +172,7 @@ def check_template_renders(chat: ChatFormatter, model_dir: str, probe: list[dict
         if any(m["role"] == "system" for m in messages):
             fix = (
                 "; this template takes no system message: put the system prompt into the first user "
-                'message in messages_format.messages (e.g. `{role: user, content: "{system_prompt}\n\n'
+                'message in messages_format.messages (e.g. `{role: user, content: "{system_prompt}\\n\\n'
                 '{question}"}`) and drop the system message'
             )
         raise StageError(

@@ -94,7 +94,7 @@ class ModelFamily:
     lora_scope: str | None  # LoRA only on Linear layers under this submodule (None: every one)
     fallback_template: str  # the TEMPLATES entry that matches the family's own turn format
     pipeline_tag: str  # the Hub's task of the deployment model (its model card's `pipeline_tag`)
-    gguf_export: bool  # llama.cpp's converter and transformers' GGUF loader cover it (text-only decoders)
+    gguf_export: bool  # a text-only decoder: GGUF export applies (llama.cpp's converter must know its architecture)
 
     # ---------------------------------------------------------------- loading and saving
     def model_class(self):
