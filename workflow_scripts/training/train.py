@@ -23,6 +23,7 @@ from workflow_scripts.files import atomic_path, write_json
 from workflow_scripts.models.families import ModelFamily, family_of
 from workflow_scripts.models.loading import (
     bf16_is_fast,
+    bf16_speed,
     load_chat_formatter,
     load_model,
     load_tokenizer,
@@ -231,6 +232,13 @@ def build_peft_model(model_dir: str, peft_cfg: dict, dtype: torch.dtype, device:
     return peft_model, family
 
 
+def dtype_policy(frozen_bf16: bool, autocast_bf16: bool) -> str:
+    """The dtype policy a training runs with, in words (run.json and the log name it)."""
+    if frozen_bf16:
+        return "bf16 frozen weights, fp32 LoRA"
+    return "bf16 autocast" if autocast_bf16 else "fp32"
+
+
 def build_trainer(
     train_path: str,
     validation_path: str,
@@ -260,6 +268,16 @@ def build_trainer(
     if kwargs["bf16"] and not use_bf16:
         log.warning("training.bf16 requested but this hardware has no fast bf16; using fp32")
         kwargs["bf16"] = False
+    policy = dtype_policy(store_bf16, kwargs["bf16"])
+    if use_bf16 and policy == "fp32":
+        _, sec16, sec32 = bf16_speed(device)
+        faster = f" (its bf16 matmul {sec32 / sec16:.1f}x as fast as fp32)" if sec16 else ""
+        log.warning(
+            "this %s runs bf16 fast%s, but training.bf16: false and training.fast_path.bf16_frozen_weights: "
+            "false pin fp32 (config.yaml does, for digit-exact demo numbers): drop both lines for bf16",
+            device.upper() if device == "cuda" else "CPU",
+            faster,
+        )
     # gradient_checkpointing and eval_strategy arrive from the schema (snaketune's defaults differ
     # from TRL's there, with the reasons in the schema).
     kwargs["report_to"] = report_to
@@ -299,6 +317,8 @@ def build_trainer(
         labels_only_logits=fast["labels_only_logits"],
     )
     info = {
+        "dtype_policy": policy,
+        "fp32_pinned_on_fast_bf16": use_bf16 and policy == "fp32",
         "bf16_hardware": use_bf16,
         "frozen_dtype": str(dtype),
         "group_by_length": args.train_sampling_strategy == "group_by_length",
