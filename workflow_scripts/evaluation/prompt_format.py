@@ -22,9 +22,8 @@ class PromptFormat:
     context: list[dict] = field(default_factory=list)  # turns before the question (the system prompt)
     user_prefix: str = ""  # text the user template puts around the question
     user_suffix: str = ""
-    template_kwargs: dict = field(
-        default_factory=dict
-    )  # the chat template's options (model.chat_template_kwargs)
+    # the chat template's options (model.chat_template_kwargs)
+    template_kwargs: dict = field(default_factory=dict)
     source: str | None = None  # the artifact it was read from
 
     @property
@@ -76,7 +75,9 @@ def prompt_format_of(path: Path | None) -> PromptFormat:
         return PromptFormat()
     path = Path(path)
     stats = path.parent / "stats.json"  # format_dataset's statistics record the template's options
-    kwargs = json.loads(stats.read_text()).get("chat_template_kwargs") or {} if stats.is_file() else {}
+    kwargs = {}
+    if stats.is_file():
+        kwargs = json.loads(stats.read_text()).get("chat_template_kwargs") or {}
     rows = [r for r in _test_rows(path) if r.get("messages") and r["messages"][-1]["role"] == "user"]
     if not rows:
         return PromptFormat(template_kwargs=kwargs, source=str(path))
