@@ -101,8 +101,7 @@ def exportable_inputs(e):
     cannot take is refused while the workflow plans, naming its architecture, not after training."""
     from workflow_scripts.models import llama_cpp
 
-    model_config = llama_cpp.known_model_config(e.config["model"], e.base_model)
-    refusal = model_config and llama_cpp.export_refusal(model_config)
+    refusal = llama_cpp.refusal_at_load(e.config["model"], e.base_model)
     if refusal:
         raise WorkflowError(f"Invalid configuration: model.id {e.config['model']['id']}: {refusal}")
     return export_inputs(e)

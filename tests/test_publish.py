@@ -188,7 +188,7 @@ def test_local_dataset_is_named_but_not_claimed_as_a_hub_dataset(experiment):
     assert {r.dataset_type for r in data.eval_results} == {"finqa_sample"}
 
 
-def write_export(tmp_path, deployment_dir, sha=None):
+def write_export(tmp_path, deployment_dir, sha=None, checked_in_llama_cpp=True):
     from workflow_scripts.models.export_gguf import weights_sha256
 
     export = tmp_path / "results" / "default" / "export"
@@ -197,6 +197,7 @@ def write_export(tmp_path, deployment_dir, sha=None):
     (export / ".m-f16.gguf.tmp-abc").write_bytes(b"GGUF")  # an interrupted export's temporary file
     report = {
         "passed": True,
+        **({"runtime": "llama-cpp-python"} if checked_in_llama_cpp else {}),
         "source_weights_sha256": sha or weights_sha256(deployment_dir),
         "files": {
             "q8_0": {
@@ -228,6 +229,16 @@ def test_exported_gguf_files_are_uploaded_with_the_model(experiment):
 def test_gguf_files_of_another_deployment_model_are_not_uploaded(experiment):
     tmp_path, inputs = experiment
     write_export(tmp_path, inputs["deployment_dir"], sha={"model.safetensors": "0" * 64})
+    report = push_to_hub.run(job(tmp_path, inputs, {"repo_id": "me/m", "dry_run": True}))
+    assert not any(f["path_in_repo"].endswith(".gguf") for f in report["files"])
+    assert "## GGUF" not in (tmp_path / "results/default/hub/README.md").read_text()
+
+
+def test_gguf_files_checked_before_the_llama_cpp_check_are_not_uploaded(experiment):
+    """An export_report.json of the earlier check (transformers' loader, no llama.cpp figures) for
+    the same weights: its files are left out until export_gguf runs again."""
+    tmp_path, inputs = experiment
+    write_export(tmp_path, inputs["deployment_dir"], checked_in_llama_cpp=False)
     report = push_to_hub.run(job(tmp_path, inputs, {"repo_id": "me/m", "dry_run": True}))
     assert not any(f["path_in_repo"].endswith(".gguf") for f in report["files"])
     assert "## GGUF" not in (tmp_path / "results/default/hub/README.md").read_text()

@@ -195,14 +195,20 @@ def load_schema() -> dict:
     return yaml.safe_load(SCHEMA_FILE.read_text())
 
 
-def schema_default(key: str):
-    """The schema's default of a dotted config key (``evaluation.max_new_tokens``): code that needs
-    a config default outside a resolved config reads it here instead of restating it."""
+def schema_node(key: str) -> dict:
+    """The schema's node of a dotted config key (``export.tolerances.q8_0``)."""
     node = load_schema()
     for part in key.split("."):
         node = node.get("properties", {}).get(part)
         if node is None:
             raise KeyError(f"{key}: not a key of {SCHEMA_FILE.name}")
+    return node
+
+
+def schema_default(key: str):
+    """The schema's default of a dotted config key (``evaluation.max_new_tokens``): code that needs
+    a config default outside a resolved config reads it here instead of restating it."""
+    node = schema_node(key)
     if "default" not in node:
         raise KeyError(f"{key}: has no default in {SCHEMA_FILE.name}")
     return copy.deepcopy(node["default"])

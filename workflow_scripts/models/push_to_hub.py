@@ -42,6 +42,9 @@ def exported_gguf(export_report: str | None, deployment_dir: str) -> tuple[list[
             export_report,
         )
         return [], []
+    if "runtime" not in report:  # written before the files were checked in llama.cpp
+        log.warning("%s predates the llama.cpp check; re-run export_gguf to publish GGUF files", export_report)
+        return [], []
     rows, plan = [], []
     folder = Path(export_report).parent
     for outtype, f in report.get("files", {}).items():
