@@ -321,7 +321,8 @@ def test_two_process_training_saves_the_adapter_once(tmp_path, formatted, tiny_m
 @pytest.mark.parametrize(
     ("fast_bf16", "pinned", "policy"),
     [
-        (True, False, "bf16 frozen weights, fp32 LoRA"),  # the schema's defaults where bf16 is fast
+        # the schema's defaults where bf16 is fast
+        (True, False, "bf16 frozen weights, bf16 LoRA compute over fp32 LoRA weights"),
         (True, True, "fp32"),  # config.yaml's demo pin on a bf16 CPU: said once
         (False, False, "fp32"),  # AVX2 only: fp32 whatever the config says
     ],

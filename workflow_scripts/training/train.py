@@ -232,10 +232,10 @@ def build_peft_model(model_dir: str, peft_cfg: dict, dtype: torch.dtype, device:
     return peft_model, family
 
 
-def dtype_policy(frozen_bf16: bool, autocast_bf16: bool) -> str:
+def dtype_policy(frozen_bf16: bool, autocast_bf16: bool, lora_bf16: bool = False) -> str:
     """The dtype policy a training runs with, in words (run.json and the log name it)."""
     if frozen_bf16:
-        return "bf16 frozen weights, fp32 LoRA"
+        return f"bf16 frozen weights, {'bf16 LoRA compute over ' if lora_bf16 else ''}fp32 LoRA weights"
     return "bf16 autocast" if autocast_bf16 else "fp32"
 
 
@@ -254,6 +254,11 @@ def build_trainer(
     ``train_path`` / ``validation_path``: token files (`{split}.tokens.arrow`), memory-mapped."""
     from trl import SFTConfig
 
+    from workflow_scripts.training.bf16_compute import (
+        EAGER_MAX_SCORES,
+        use_bf16_lora_compute,
+        use_small_eager_attention,
+    )
     from workflow_scripts.training.trainer import SnaketuneTrainer
 
     fast = training["fast_path"]
@@ -262,13 +267,18 @@ def build_trainer(
     store_bf16 = use_bf16 and fast["bf16_frozen_weights"]
     dtype = torch.bfloat16 if store_bf16 else torch.float32
     model, family = build_peft_model(model_dir, peft_cfg, dtype, device)
+    # bf16 compute on the trainable path too (training/bf16_compute.py says why and what stays fp32)
+    lora_bf16 = store_bf16 and fast["bf16_lora_compute"] and use_bf16_lora_compute(model) > 0
+    small_eager = store_bf16 and device == "cpu" and fast["eager_small_attention"]
+    if small_eager:
+        use_small_eager_attention(model.get_base_model())
     tok = load_tokenizer(model_dir)
     kwargs = trainer_kwargs(training)  # keys snaketune sets itself are refused at load (checks.py)
     kwargs.setdefault("bf16", use_bf16 and not store_bf16)
     if kwargs["bf16"] and not use_bf16:
         log.warning("training.bf16 requested but this hardware has no fast bf16; using fp32")
         kwargs["bf16"] = False
-    policy = dtype_policy(store_bf16, kwargs["bf16"])
+    policy = dtype_policy(store_bf16, kwargs["bf16"], lora_bf16)
     if use_bf16 and policy == "fp32":
         _, sec16, sec32 = bf16_speed(device)
         faster = f" (its bf16 matmul {sec32 / sec16:.1f}x as fast as fp32)" if sec16 else ""
@@ -321,6 +331,11 @@ def build_trainer(
         "fp32_pinned_on_fast_bf16": use_bf16 and policy == "fp32",
         "bf16_hardware": use_bf16,
         "frozen_dtype": str(dtype),
+        "attention": (
+            f"plain matmuls up to {EAGER_MAX_SCORES:,} scores a call, else sdpa"
+            if small_eager
+            else model.get_base_model().config._attn_implementation
+        ),
         "group_by_length": args.train_sampling_strategy == "group_by_length",
         "packing": fast["packing"],
         "labels_only_logits": fast["labels_only_logits"],
