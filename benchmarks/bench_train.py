@@ -108,7 +108,13 @@ ABLATIONS = {
     "no length grouping": {"fast_path": {"group_by_length": False}},
     "packing on": {"fast_path": {"packing": True}},
     "gradient checkpointing on": {"gradient_checkpointing": True},
+    # the bf16 compute of the trainable path (nothing changes where bf16 is slow: fp32 throughout)
+    "no bf16 LoRA compute": {"fast_path": {"bf16_lora_compute": False}},
+    "no eager small attention": {"fast_path": {"eager_small_attention": False}},
 }
+# The loss check: snaketune (its defaults but TRL's random batch order, i.e. without length
+# grouping) takes the same batches as TRL at every step, so their losses compare step by step.
+SAME_BATCHES = "snaketune, TRL's batch order"
 # The Liger sides (CUDA only: Liger's kernels are Triton). TRL 1.16 applies Liger's layer kernels
 # only (RMSNorm, RoPE, SwiGLU/GeGLU) and computes its loss with its own chunked LM head; snaketune's
 # labels-only loss calls the decoder and head itself, so the two combine.
@@ -288,6 +294,34 @@ def run_side(
     return result
 
 
+def same_batch_losses(results: dict, warmup: int) -> dict | None:
+    """snaketune's and TRL's losses at the same steps on the same batches (SAME_BATCHES), printed
+    beside TRL's own bf16-vs-fp32 difference there (the noise a dtype policy alone makes)."""
+    if SAME_BATCHES not in results:
+        return None
+    trl, ours = results["trl"]["steps"], results[SAME_BATCHES]["steps"]
+    if [s[1] for s in trl] != [s[1] for s in ours]:  # tokens per step differ: not the same batches
+        print("loss at the same step: the batches differ from TRL's (tokens per step), no comparison")
+        return None
+
+    def gap(other: list) -> float:  # mean |difference| over the measured steps
+        steps = zip(trl[warmup:], other[warmup:], strict=True)
+        pairs = [(a[2], b[2]) for a, b in steps if a[2] is not None and b[2] is not None]
+        return sum(abs(a - b) for a, b in pairs) / len(pairs)
+
+    out = {"last_step": len(trl), "trl": trl[-1][2], "snaketune": ours[-1][2], "mean_abs_gap": gap(ours)}
+    line = (
+        f"loss at the same step, same batches: step {len(trl)} trl {out['trl']:.4f} vs snaketune "
+        f"{out['snaketune']:.4f}; mean |gap| over the measured steps {out['mean_abs_gap']:.4f}"
+    )
+    fp32 = results.get(FP32_TRL, {}).get("steps")
+    if fp32 and [s[1] for s in fp32] == [s[1] for s in trl]:
+        out["trl_bf16_vs_fp32_gap"] = gap(fp32)
+        line += f" (TRL bf16 vs TRL fp32, the same batches: {out['trl_bf16_vs_fp32_gap']:.4f})"
+    print(line)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="measured steps (after warm-up)")
@@ -363,6 +397,7 @@ def main() -> None:
 
     # label -> (side, overrides, dtype policy)
     runs = {"trl": ("trl", {}, DEFAULTS), "snaketune": ("snaketune", {}, DEFAULTS)}
+    runs[SAME_BATCHES] = ("snaketune", {"fast_path": {"group_by_length": False}}, DEFAULTS)
     if bf16_is_fast(args.device):  # else both policies are fp32: the first pair says it all
         runs.update({FP32_TRL: ("trl", {}, FP32), FP32_SNAKETUNE: ("snaketune", {}, FP32)})
     if liger:
@@ -413,7 +448,7 @@ def main() -> None:
             f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  ({r['info']})"
         )
     for label in summary:
-        if label.startswith("snaketune, ") and label != FP32_SNAKETUNE:
+        if label.startswith("snaketune, ") and label not in (FP32_SNAKETUNE, SAME_BATCHES):
             ratio = summary["snaketune"]["tps"] / summary[label]["tps"]
             print(f"snaketune default vs {label[11:]}: {ratio:.2f}x")
     a, b = summary["trl"], summary["snaketune"]
@@ -436,6 +471,7 @@ def main() -> None:
             f"pins it [{policy(FP32_SNAKETUNE)}] {d['tps']:.1f} tok/s) loss: {c['loss']:.4f} vs {d['loss']:.4f}; "
             f"the pin costs snaketune {pinned['cost_of_the_pin']:.2f}x here"
         )
+    same_step = same_batch_losses(results, args.warmup)
     decision = None
     if liger and LIGER in summary:
         c = summary[LIGER]
@@ -470,6 +506,7 @@ def main() -> None:
                     "sides": {k: {**v, "info": results[k]["info"]} for k, v in summary.items()},
                     "speedup_vs_trl": b["tps"] / a["tps"],  # like with like
                     "fp32_pin": pinned,
+                    "same_batch_losses": same_step,
                     "liger": decision,
                     "failed": failed,
                 },
