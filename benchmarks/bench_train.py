@@ -111,6 +111,8 @@ ABLATIONS = {
     # the bf16 compute of the trainable path (nothing changes where bf16 is slow: fp32 throughout)
     "no bf16 LoRA compute": {"fast_path": {"bf16_lora_compute": False}},
     "no eager small attention": {"fast_path": {"eager_small_attention": False}},
+    # opt-in: compiling costs its first step (printed), then every step is faster
+    "torch_compile on": {"torch_compile": True},
 }
 # The loss check: snaketune (its defaults but TRL's random batch order, i.e. without length
 # grouping) takes the same batches as TRL at every step, so their losses compare step by step.
@@ -439,13 +441,15 @@ def main() -> None:
         peak = peaks["float32"] if r["info"]["dtype_policy"] == "fp32" else max(peaks.values())
         mfu = 4 * r["params_on_path"] * tps / peak
         summary[side] = {"tps": tps, "loss": sum(losses) / len(losses), "rss": r["peak_rss_mb"], "mfu": mfu}
+        summary[side]["first_step_s"] = r["steps"][0][0]  # compilation, where on, happens here
         memory = f"peak RSS {r['peak_rss_mb']:7.0f} MB"
         if cuda:
             summary[side]["peak_gpu_mb"] = r["peak_gpu_mb"]
             memory = f"peak GPU {r['peak_gpu_mb']:7.0f} MB"
         print(
             f"{side:42s} {tps:8.1f} real tok/s  {toks:6d} tokens in {secs:6.1f} s  {memory}  "
-            f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  ({r['info']})"
+            f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  first step {r['steps'][0][0]:.1f} s  "
+            f"({r['info']})"
         )
     for label in summary:
         if label.startswith("snaketune, ") and label not in (FP32_SNAKETUNE, SAME_BATCHES):

@@ -359,3 +359,42 @@ def test_the_dtype_policy_is_named_and_a_pinned_fp32_is_said_once(
         ]
     else:
         assert said == []
+
+
+def test_torch_compile_compiles_the_decoder_layers_and_trains_as_uncompiled(
+    tmp_path, formatted, tiny_model_dir
+):
+    """`training.torch_compile` takes effect (the Trainer's own would compile a wrapper the
+    labels-only loss goes around): the decoder layers run compiled, with the same losses."""
+    from workflow_scripts.training import train as train_module
+
+    losses, infos = {}, {}
+    for compile_ in (False, True):
+        training = with_defaults(
+            "training",
+            {
+                **TRAINING,
+                "max_steps": 3,
+                "eval_strategy": "no",
+                "save_strategy": "no",
+                "torch_compile": compile_,
+            },
+        )
+        trainer, _, infos[compile_] = train_module.build_trainer(
+            formatted["train_tokens"],
+            formatted["validation_tokens"],
+            str(tiny_model_dir),
+            training,
+            PEFT,
+            tmp_path / f"ckpt-{compile_}",
+            ["none"],
+            "cpu",
+        )
+        assert not trainer.args.torch_compile  # compiled by snaketune, not wrapped again by the Trainer
+        trainer.train()
+        losses[compile_] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        layers = trainer.model.get_base_model().model.layers
+        assert all((layer._compiled_call_impl is not None) == compile_ for layer in layers)
+    assert infos[True]["compiled_decoder_layers"] == 2 and infos[False]["compiled_decoder_layers"] == 0
+    # the same to rounding: compiled kernels order bf16 (where this CPU runs it) and fp32 sums differently
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)

@@ -99,3 +99,14 @@ def use_bf16_lora_compute(peft_model) -> int:
             module.__class__ = Bf16ComputeLinear
             n += 1
     return n
+
+
+def compile_decoder_layers(model, backend: str | None, mode: str | None) -> int:
+    """`torch.compile` each decoder layer of ``model`` in place (dynamic shapes: batches differ in
+    length), for `training.torch_compile`. The Trainer's own would compile a wrapper that the
+    labels-only loss goes around (it calls the decoder and head itself), so would change nothing.
+    The layers share one compiled graph. Returns how many were compiled."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for layer in layers:
+        layer.compile(dynamic=True, backend=backend or "inductor", mode=mode)
+    return len(layers)

@@ -256,6 +256,7 @@ def build_trainer(
 
     from workflow_scripts.training.bf16_compute import (
         EAGER_MAX_SCORES,
+        compile_decoder_layers,
         use_bf16_lora_compute,
         use_small_eager_attention,
     )
@@ -274,6 +275,14 @@ def build_trainer(
         use_small_eager_attention(model.get_base_model())
     tok = load_tokenizer(model_dir)
     kwargs = trainer_kwargs(training)  # keys snaketune sets itself are refused at load (checks.py)
+    # Compiled here, not by the Trainer (compile_decoder_layers says why); as in TrainingArguments,
+    # a backend or mode alone asks for compilation too.
+    backend, mode = kwargs.pop("torch_compile_backend", None), kwargs.pop("torch_compile_mode", None)
+    compiled = 0
+    if kwargs.pop("torch_compile", False) or backend or mode:
+        compiled = compile_decoder_layers(model, backend, mode)
+        if not compiled:
+            raise StageError(f"training.torch_compile: no decoder layers found in {model_dir}")
     kwargs.setdefault("bf16", use_bf16 and not store_bf16)
     if kwargs["bf16"] and not use_bf16:
         log.warning("training.bf16 requested but this hardware has no fast bf16; using fp32")
@@ -340,6 +349,7 @@ def build_trainer(
         "packing": fast["packing"],
         "labels_only_logits": fast["labels_only_logits"],
         "gradient_checkpointing": args.gradient_checkpointing,
+        "compiled_decoder_layers": compiled,
         "model_family": family.name,
     }
     return trainer, collator, info
