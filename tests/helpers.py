@@ -94,6 +94,26 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_gemma3_text():
+    """Gemma 3 text, tiny: a sliding window (8) shorter than most test batches, GQA."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=8,
+    )
+    return Gemma3ForCausalLM(cfg)
+
+
 def with_defaults(section: str, values: dict | None = None) -> dict:
     """One config section as the stages receive it: ``values`` with the schema's defaults filled in."""
     from snakemake.utils import validate

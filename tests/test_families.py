@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import REPO, build_tiny_llama
+from helpers import REPO, build_tiny_llama, tiny_gemma3_text
 
 from workflow_scripts.models.families import (
     CAUSAL_LM,
@@ -20,24 +20,6 @@ from workflow_scripts.models.families import (
     ChatFormatter,
     family_of,
 )
-
-
-def tiny_gemma3_text():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=8,
-    )
-    return Gemma3ForCausalLM(cfg)
 
 
 @pytest.mark.parametrize(
