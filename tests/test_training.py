@@ -365,7 +365,9 @@ def test_torch_compile_compiles_the_decoder_layers_and_trains_as_uncompiled(
     tmp_path, formatted, tiny_model_dir
 ):
     """`training.torch_compile` takes effect (the Trainer's own would compile a wrapper the
-    labels-only loss goes around): the decoder layers run compiled, with the same losses."""
+    labels-only loss goes around): the decoder layers run compiled, with the same losses. A
+    backend alone asks for it too (as in TrainingArguments); aot_eager traces forward and
+    backward as inductor does, without inductor's C++ build (~40 s cold on 2 cores)."""
     from workflow_scripts.training import train as train_module
 
     losses, infos = {}, {}
@@ -377,7 +379,7 @@ def test_torch_compile_compiles_the_decoder_layers_and_trains_as_uncompiled(
                 "max_steps": 3,
                 "eval_strategy": "no",
                 "save_strategy": "no",
-                "torch_compile": compile_,
+                **({"torch_compile_backend": "aot_eager"} if compile_ else {}),
             },
         )
         trainer, _, infos[compile_] = train_module.build_trainer(
