@@ -19,10 +19,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-# Above this many attention scores per call (batch x heads x queries x keys) SDPA's flash kernel
-# is as fast or faster on an AMX Xeon (benchmarks/README.md), and the eager path's scores and
-# probabilities (6 bytes each, kept for the backward) would grow with the square of the length:
-# 3M scores are ~18 MB a layer.
+# Attention scores per call (batch x heads x queries x keys) up to which the plain path runs:
+# around 3M the two paths were even on an AMX Xeon, above it SDPA's flash kernel won (up to 1.7x
+# at 4-5M; benchmarks/README.md), and the plain path's scores and probabilities (kept for the
+# backward) grow with the square of the length: 3M bf16 scores are ~12 MB a layer.
 EAGER_MAX_SCORES = 3_000_000
 SMALL_ATTENTION = "snaketune_small_eager"
 
