@@ -451,7 +451,7 @@ def main() -> None:
             memory = f"peak GPU {r['peak_gpu_mb']:7.0f} MB"
         print(
             f"{side:42s} {tps:8.1f} real tok/s  {toks:6d} tokens in {secs:6.1f} s  {memory}  "
-            f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  first step {r['steps'][0][0]:.1f} s  "
+            f"loss {summary[side]['loss']:.4f}  MFU {100 * mfu:.1f}%  first step {summary[side]['first_step_s']:.1f} s  "
             f"({r['info']})"
         )
     for label in summary:

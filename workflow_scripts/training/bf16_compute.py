@@ -87,7 +87,7 @@ class Bf16ComputeLinear(LoraLinear):
         result = self.base_layer(x)
         a = self.lora_A[name].weight.to(x.dtype)
         b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)
-        return result + F.linear(F.linear(self.lora_dropout[name](x), a), b).to(result.dtype)
+        return result + F.linear(F.linear(self.lora_dropout[name](x), a), b)
 
 
 def use_bf16_lora_compute(peft_model) -> int:
@@ -106,7 +106,8 @@ def compile_decoder_layers(model, backend: str | None, mode: str | None) -> int:
     length), for `training.torch_compile`. The Trainer's own would compile a wrapper that the
     labels-only loss goes around (it calls the decoder and head itself), so would change nothing.
     The layers share one compiled graph. Returns how many were compiled."""
+    options = {k: v for k, v in (("backend", backend), ("mode", mode)) if v}  # unset: torch.compile's own
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for layer in layers:
-        layer.compile(dynamic=True, backend=backend or "inductor", mode=mode)
+        layer.compile(dynamic=True, **options)
     return len(layers)

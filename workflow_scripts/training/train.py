@@ -232,7 +232,7 @@ def build_peft_model(model_dir: str, peft_cfg: dict, dtype: torch.dtype, device:
     return peft_model, family
 
 
-def dtype_policy(frozen_bf16: bool, autocast_bf16: bool, lora_bf16: bool = False) -> str:
+def dtype_policy(frozen_bf16: bool, autocast_bf16: bool, lora_bf16: bool) -> str:
     """The dtype policy a training runs with, in words (run.json and the log name it)."""
     if frozen_bf16:
         return f"bf16 frozen weights, {'bf16 LoRA compute over ' if lora_bf16 else ''}fp32 LoRA weights"
@@ -269,7 +269,9 @@ def build_trainer(
     dtype = torch.bfloat16 if store_bf16 else torch.float32
     model, family = build_peft_model(model_dir, peft_cfg, dtype, device)
     # bf16 compute on the trainable path too (training/bf16_compute.py says why and what stays fp32)
-    lora_bf16 = store_bf16 and fast["bf16_lora_compute"] and use_bf16_lora_compute(model) > 0
+    lora_bf16 = False
+    if store_bf16 and fast["bf16_lora_compute"]:
+        lora_bf16 = use_bf16_lora_compute(model) > 0  # none: no LoRA Linear to compute in bf16
     small_eager = store_bf16 and device == "cpu" and fast["eager_small_attention"]
     if small_eager:
         use_small_eager_attention(model.get_base_model())
